@@ -1,0 +1,5 @@
+"""Allow ``python -m cartformer``."""
+
+from cartformer.cli import main
+
+raise SystemExit(main())

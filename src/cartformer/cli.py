@@ -1,0 +1,299 @@
+"""The ``cartformer`` command line.
+
+Each subcommand is one stage of a run directory (``--out``). Options given on the command line
+override the run's saved ``config.json``; options left out keep the saved value, or the default
+when the run is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cartformer import __version__
+from cartformer.config import RunConfig
+
+logger = logging.getLogger("cartformer")
+
+DEMO_DATA_FILE = "demo/train.parquet"
+
+# Training lengths for `run` on generated demo data when no epoch option is given: they keep the
+# whole demo within about ten minutes on two CPU cores. Real data uses the config defaults.
+DEMO_PRETRAIN_EPOCHS = 8
+DEMO_FINETUNE_EPOCHS = 6
+DEMO_PATIENCE = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cartformer",
+        description="Rank grocery products for a shopper with a transformer over their history "
+        "(ARGUS-style pretrain and finetune on Lavka-schema data).",
+    )
+    parser.add_argument("--version", action="version", version=f"cartformer {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages as well as progress"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo-data", help="write a Lavka-schema demo file and its oracle file")
+    demo.add_argument("output", type=Path, help="path of the parquet file to write")
+    _add_demo_options(demo)
+
+    prepare = sub.add_parser("prepare", help="validate the input and build the training samples")
+    _add_out(prepare)
+    _add_data_options(prepare, data_required=False)
+
+    pretrain = sub.add_parser("pretrain", help="pretrain on next-positive and feedback prediction")
+    _add_out(pretrain)
+    _add_model_options(pretrain)
+    _add_train_options(pretrain, prefix="")
+    pretrain.add_argument("--resume", action="store_true", help="continue a stopped pretrain stage")
+
+    finetune = sub.add_parser(
+        "finetune", help="finetune the ranking variants with the pairwise loss"
+    )
+    _add_out(finetune)
+    _add_model_options(finetune)
+    _add_train_options(finetune, prefix="")
+    _add_variants(finetune)
+    finetune.add_argument("--resume", action="store_true", help="continue stopped finetune stages")
+
+    evaluate = sub.add_parser("evaluate", help="score the validation requests and write report.md")
+    _add_out(evaluate)
+    _add_oracle(evaluate)
+    _add_device(evaluate)
+
+    run = sub.add_parser(
+        "run", help="prepare, pretrain, finetune and evaluate; generates demo data without --data"
+    )
+    _add_out(run)
+    _add_data_options(run, data_required=False)
+    _add_demo_options(run)
+    _add_oracle(run)
+    _add_model_options(run)
+    _add_train_options(run, prefix="pretrain-")
+    _add_train_options(run, prefix="finetune-")
+    _add_variants(run)
+    run.add_argument("--resume", action="store_true", help="continue stopped training stages")
+    return parser
+
+
+def _add_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run directory that holds everything a run makes"
+    )
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", help="torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
+    )
+
+
+def _add_oracle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--oracle",
+        help="parquet of true cart probabilities (request_id, product_id, cart_probability); "
+        "default: DATA.oracle.parquet beside the input when it exists",
+    )
+
+
+def _add_demo_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--size",
+        choices=("tiny", "small", "full"),
+        default="small",
+        help="demo size: tiny (tests), small (default, a run of minutes) or full (real-file shape)",
+    )
+    parser.add_argument("--demo-seed", type=int, default=0, help="seed of the demo generator")
+
+
+def _add_data_options(parser: argparse.ArgumentParser, data_required: bool) -> None:
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=data_required,
+        help="Lavka-schema parquet file (train.parquet)",
+    )
+    group = parser.add_argument_group("split and samples")
+    group.add_argument("--valid-days", type=float, help="length of the validation period in days")
+    group.add_argument(
+        "--gap-days", type=float, help="days between training targets and validation"
+    )
+    group.add_argument("--min-history", type=int, help="minimum positive events per user history")
+    group.add_argument("--max-history", type=int, help="positive events kept per user (latest)")
+    group.add_argument("--max-requests", type=int, help="requests kept per user in finetuning")
+    group.add_argument(
+        "--lag-min-days",
+        type=float,
+        help="smallest state-to-request lag in finetune training, days",
+    )
+    group.add_argument(
+        "--lag-max-days", type=float, help="largest state-to-request lag in finetune training, days"
+    )
+    group.add_argument(
+        "--data-seed", type=int, help="seed of the lag draws and the random baseline"
+    )
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (applies when a model is first built)")
+    group.add_argument("--embedding-dim", type=int, help="embedding and transformer width")
+    group.add_argument("--num-heads", type=int, help="attention heads per layer")
+    group.add_argument("--num-layers", type=int, help="transformer layers")
+    group.add_argument("--dropout", type=float, help="dropout probability")
+    _add_device(parser)
+
+
+def _add_train_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    stage = prefix.rstrip("-") or "this stage"
+    group = parser.add_argument_group(f"training ({stage})")
+    group.add_argument(f"--{prefix}epochs", type=int, help=f"maximum epochs of {stage}")
+    group.add_argument(
+        f"--{prefix}patience",
+        type=int,
+        help="epochs without validation improvement before stopping",
+    )
+    group.add_argument(f"--{prefix}batch-size", type=int, help="users per batch")
+    group.add_argument(f"--{prefix}lr", type=float, help="AdamW learning rate after warm-up")
+    group.add_argument(f"--{prefix}num-workers", type=int, help="DataLoader worker processes")
+    group.add_argument(f"--{prefix}seed", type=int, help="seed of weights init and shuffling")
+
+
+def _add_variants(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("scratch", "pretrained-backbone", "pretrained-backbone-heads"),
+        help="finetune initializations to train (default: all three)",
+    )
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Start from the run's saved config (or defaults) and apply the options given."""
+    config_path = args.out / "config.json"
+    cfg = RunConfig.load(config_path) if config_path.is_file() else RunConfig()
+    cfg.out_dir = str(args.out)
+    if getattr(args, "data", None):
+        cfg.data_path = str(args.data)
+    if getattr(args, "oracle", None):
+        cfg.oracle_path = str(args.oracle)
+
+    _set(cfg.data, args, valid_days="valid_days", gap_days="gap_days", min_history="min_history")
+    _set(cfg.data, args, max_history="max_history", max_requests="max_requests")
+    _set(cfg.data, args, lag_min_days="lag_min_days", lag_max_days="lag_max_days", seed="data_seed")
+    if getattr(args, "max_history", None):
+        cfg.model.max_seq_len = args.max_history
+    _set(cfg.model, args, embedding_dim="embedding_dim", num_heads="num_heads")
+    _set(cfg.model, args, num_layers="num_layers", dropout="dropout")
+
+    if args.command == "run":
+        stages = {"pretrain_": cfg.pretrain, "finetune_": cfg.finetune}
+    elif args.command in ("pretrain", "finetune"):
+        stages = {"": getattr(cfg, args.command)}
+    else:
+        stages = {}
+    for prefix, train_cfg in stages.items():
+        _set(train_cfg, args, max_epochs=f"{prefix}epochs", patience=f"{prefix}patience")
+        _set(train_cfg, args, batch_size=f"{prefix}batch_size", lr=f"{prefix}lr")
+        _set(train_cfg, args, num_workers=f"{prefix}num_workers", seed=f"{prefix}seed")
+    if getattr(args, "device", None):
+        cfg.pretrain.device = cfg.finetune.device = args.device
+    return cfg
+
+
+def _set(target: object, args: argparse.Namespace, **fields: str) -> None:
+    for field_name, option in fields.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            setattr(target, field_name, value)
+
+
+def _apply_demo_defaults(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """Shorten training on generated demo data unless the user chose the lengths."""
+    for prefix, train_cfg, epochs in (
+        ("pretrain_", cfg.pretrain, DEMO_PRETRAIN_EPOCHS),
+        ("finetune_", cfg.finetune, DEMO_FINETUNE_EPOCHS),
+    ):
+        if getattr(args, f"{prefix}epochs") is None:
+            train_cfg.max_epochs = epochs
+        if getattr(args, f"{prefix}patience") is None:
+            train_cfg.patience = DEMO_PATIENCE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError) as error:
+        logger.debug("details", exc_info=True)
+        print(f"cartformer {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from cartformer import pipeline
+    from cartformer.data.demo import write_demo
+    from cartformer.evaluation.report import format_table
+
+    if args.command == "demo-data":
+        data_path, oracle_path = write_demo(args.output, size=args.size, seed=args.demo_seed)
+        print(f"wrote {data_path}\nwrote {oracle_path}")
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    _log_to_file(args.out / "cartformer.log")
+    cfg = resolve_config(args)
+    started = time.perf_counter()
+
+    if args.command == "run" and not cfg.data_path:
+        demo_path = args.out / DEMO_DATA_FILE
+        if not demo_path.is_file():
+            logger.info(
+                "run: no --data given, generating the %s demo into %s", args.size, demo_path
+            )
+            demo_path.parent.mkdir(parents=True, exist_ok=True)
+            write_demo(demo_path, size=args.size, seed=args.demo_seed)
+        cfg.data_path = str(demo_path)
+        _apply_demo_defaults(cfg, args)
+    cfg.save(args.out / "config.json")
+
+    variants = tuple(getattr(args, "variants", None) or pipeline.FINETUNE_VARIANTS)
+    if args.command in ("prepare", "run"):
+        pipeline.run_prepare(cfg)
+    if args.command in ("pretrain", "run") and _needs_pretrain(args.command, variants):
+        pipeline.run_pretrain(cfg, resume=args.resume)
+    if args.command in ("finetune", "run"):
+        pipeline.run_finetune(cfg, variants, resume=args.resume)
+    cfg.save(args.out / "config.json")
+    if args.command in ("evaluate", "run"):
+        results = pipeline.run_evaluate(cfg)
+        print(format_table(results))
+        print(f"report: {args.out / 'report.md'}")
+    logger.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
+    return 0
+
+
+def _needs_pretrain(command: str, variants: tuple[str, ...]) -> bool:
+    return command == "pretrain" or any(v != "scratch" for v in variants)
+
+
+def _log_to_file(path: Path) -> None:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""The run report: a results table, learning curves and a conclusion computed from the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class MethodResult:
+    """Per-request NDCG@10 of one model or baseline on the validation requests."""
+
+    name: str
+    kind: str  # "model", "baseline" or "oracle"
+    per_request: np.ndarray
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_request.mean())
+
+
+def paired_difference(a: MethodResult, b: MethodResult) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same requests and the half-width of its 95% normal interval."""
+    diff = a.per_request - b.per_request
+    if diff.size < 2:
+        return float(diff.mean()), math.nan
+    half_width = 1.96 * float(diff.std(ddof=1)) / math.sqrt(diff.size)
+    return float(diff.mean()), half_width
+
+
+def results_table(results: Sequence[MethodResult]) -> list[tuple[str, str, float, float]]:
+    """Rows (name, kind, NDCG@10, difference to the best baseline), best first."""
+    baselines = [r for r in results if r.kind == "baseline"]
+    best_baseline = max(baselines, key=lambda r: r.mean) if baselines else None
+    rows = []
+    for result in sorted(results, key=lambda r: r.mean, reverse=True):
+        delta = result.mean - best_baseline.mean if best_baseline else math.nan
+        rows.append((result.name, result.kind, result.mean, delta))
+    return rows
+
+
+def format_table(results: Sequence[MethodResult]) -> str:
+    """A plain-text table for the terminal."""
+    rows = results_table(results)
+    width = max(len(name) for name, *_ in rows) + 2
+    lines = [f"{'method':<{width}}{'kind':<10}{'NDCG@10':>9}{'vs best baseline':>18}"]
+    for name, kind, value, delta in rows:
+        lines.append(f"{name:<{width}}{kind:<10}{value:>9.4f}{delta:>+18.4f}")
+    return "\n".join(lines)
+
+
+def conclusion(results: Sequence[MethodResult]) -> list[str]:
+    """Sentences that state what the numbers show: the best model against the baselines,
+    the effect of pretraining and the distance to the oracle."""
+    by_name = {r.name: r for r in results}
+    models = [r for r in results if r.kind == "model"]
+    baselines = [r for r in results if r.kind == "baseline"]
+    oracle = next((r for r in results if r.kind == "oracle"), None)
+    sentences: list[str] = []
+    if not models:
+        return ["No finetuned model was evaluated, so there is nothing to compare yet."]
+
+    best = max(models, key=lambda r: r.mean)
+    if baselines:
+        best_baseline = max(baselines, key=lambda r: r.mean)
+        diff, half = paired_difference(best, best_baseline)
+        verdict = "beats" if diff - half > 0 else ("is below" if diff + half < 0 else "ties")
+        sentences.append(
+            f"The best model, `{best.name}`, {verdict} the best baseline `{best_baseline.name}`: "
+            f"NDCG@10 {best.mean:.4f} against {best_baseline.mean:.4f}, a paired difference of "
+            f"{diff:+.4f} ± {half:.4f} (95% interval over {best.per_request.size} requests)."
+        )
+
+    scratch = by_name.get("finetune: scratch")
+    for name in ("finetune: pretrained-backbone", "finetune: pretrained-backbone-heads"):
+        pretrained = by_name.get(name)
+        if scratch is None or pretrained is None:
+            continue
+        diff, half = paired_difference(pretrained, scratch)
+        effect = (
+            "helped"
+            if diff - half > 0
+            else ("hurt" if diff + half < 0 else "made no clear difference")
+        )
+        init = name.removeprefix("finetune: ")
+        sentences.append(
+            f"Pretraining {effect} with initialization `{init}`: {diff:+.4f} ± {half:.4f} NDCG@10 "
+            f"relative to finetuning from scratch."
+        )
+
+    random_result = by_name.get("random")
+    if oracle is not None and random_result is not None and oracle.mean > random_result.mean:
+        closed = (best.mean - random_result.mean) / (oracle.mean - random_result.mean)
+        sentences.append(
+            f"The oracle (the generator's true cart probabilities) reaches {oracle.mean:.4f}; the "
+            f"best model closes {closed:.0%} of the gap between random ranking and the oracle."
+        )
+    return sentences
+
+
+def plot_learning_curves(
+    pretrain_history: list[dict[str, Any]],
+    finetune_histories: dict[str, list[dict[str, Any]]],
+    figures_dir: Path,
+) -> list[Path]:
+    """Draw the pretrain loss and the finetune validation NDCG@10 per epoch as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if pretrain_history:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        epochs = [r["epoch"] for r in pretrain_history]
+        ax.plot(epochs, [r["train_loss"] for r in pretrain_history], marker="o", label="train")
+        ax.plot(epochs, [r["valid_loss"] for r in pretrain_history], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("retrieval + 10 × feedback loss")
+        ax.set_title("Pretraining")
+        ax.legend()
+        fig.tight_layout()
+        path = figures_dir / "pretrain_loss.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if finetune_histories:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant, history in finetune_histories.items():
+            if history:
+                epochs = [r["epoch"] for r in history]
+                ax.plot(epochs, [r["valid_ndcg10"] for r in history], marker="o", label=variant)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation NDCG@10")
+        ax.set_title("Finetuning")
+        ax.legend()
+        fig.tight_layout()
+        path = figures_dir / "finetune_ndcg.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def render_report(
+    results: Sequence[MethodResult],
+    meta: dict[str, Any],
+    pretrain_history: list[dict[str, Any]],
+    finetune_histories: dict[str, list[dict[str, Any]]],
+    figures: Sequence[Path],
+    report_dir: Path,
+    config: dict[str, Any],
+) -> str:
+    """Return the Markdown text of ``report.md``."""
+    lines = ["# cartformer report", ""]
+    lines += [
+        f"Data: `{meta.get('data_path', '?')}`. Validation requests scored: "
+        f"{results[0].per_request.size if results else 0} (requests with more than one product, "
+        "the same for every row).",
+        "",
+        "## NDCG@10 on the validation requests",
+        "",
+        "| method | kind | NDCG@10 | vs best baseline |",
+        "|---|---|---:|---:|",
+    ]
+    for name, kind, value, delta in results_table(results):
+        lines.append(f"| {name} | {kind} | {value:.4f} | {delta:+.4f} |")
+    lines += ["", "## Conclusion", ""]
+    lines += [f"- {sentence}" for sentence in conclusion(results)]
+
+    lines += ["", "## Training", ""]
+    if pretrain_history:
+        best = min(pretrain_history, key=lambda r: r["valid_loss"])
+        lines.append(
+            f"- Pretrain: best validation loss {best['valid_loss']:.4f} (retrieval "
+            f"{best['valid_retrieval_loss']:.4f}, feedback {best['valid_feedback_loss']:.4f}) at "
+            f"epoch {best['epoch']} of {len(pretrain_history)}."
+        )
+    for variant, history in finetune_histories.items():
+        if history:
+            best = max(history, key=lambda r: r["valid_ndcg10"])
+            seconds = sum(r["seconds"] for r in history)
+            lines.append(
+                f"- Finetune `{variant}`: best validation NDCG@10 {best['valid_ndcg10']:.4f} at "
+                f"epoch {best['epoch']} of {len(history)} ({seconds:.0f} s)."
+            )
+    for path in figures:
+        lines += ["", f"![{path.stem}]({path.relative_to(report_dir).as_posix()})"]
+
+    lines += ["", "## Data", ""]
+    split = meta.get("split", {})
+    for key in ("train_end_iso", "valid_start_iso", "valid_end_iso"):
+        if key in split:
+            lines.append(f"- {key.removesuffix('_iso').replace('_', ' ')}: {split[key]}")
+    for key in ("rows_read", "positive_events", "vocab_sizes", "dropped"):
+        if key in meta:
+            lines.append(
+                f"- {key.replace('_', ' ')}: `{json.dumps(meta[key], ensure_ascii=False)}`"
+            )
+    lines += [
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(config, indent=2, ensure_ascii=False),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,378 @@
+"""The stages of a run: prepare, pretrain, finetune, evaluate.
+
+Every stage reads and writes inside one run directory::
+
+    RUN/config.json                 the full configuration
+    RUN/prepared/                   mappings, events, requests, samples, meta.json
+    RUN/checkpoints/pretrain/       best/last weights, optimizer, metrics.jsonl
+    RUN/checkpoints/finetune-*/     one directory per finetune variant
+    RUN/evaluation/                 per-request NDCG@10 of every model and baseline
+    RUN/report.md, RUN/figures/     the report and its learning curves
+
+A stage reuses what earlier stages left in the directory, so ``finetune`` after ``pretrain``
+needs no options besides ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import DataLoader
+
+from cartformer.config import ModelConfig, RunConfig, TrainConfig
+from cartformer.data.dataset import FinetuneDataset, PretrainDataset, collate, move_to_device
+from cartformer.data.demo import oracle_path_for
+from cartformer.data.prepare import prepare
+from cartformer.evaluation.baselines import compute_baseline_scores, load_validation_groups
+from cartformer.evaluation.metrics import ndcg_at_k
+from cartformer.evaluation.oracle import oracle_scores
+from cartformer.evaluation.report import (
+    MethodResult,
+    plot_learning_curves,
+    render_report,
+)
+from cartformer.model import Backbone, FinetuneModel, PretrainModel
+from cartformer.training import checkpoint
+from cartformer.training.loop import StageResult, resolve_device, train_stage
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_VARIANTS = ("scratch", "pretrained-backbone", "pretrained-backbone-heads")
+"""Finetune initializations: random weights, the pretrain backbone, the backbone plus the
+pretrain fusion and projector heads."""
+
+CONFIG_FILE = "config.json"
+
+
+class RunLayout:
+    """Paths inside a run directory."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.root = Path(out_dir)
+        self.config = self.root / CONFIG_FILE
+        self.prepared = self.root / "prepared"
+        self.meta = self.prepared / "meta.json"
+        self.checkpoints = self.root / "checkpoints"
+        self.pretrain = self.checkpoints / "pretrain"
+        self.evaluation = self.root / "evaluation"
+        self.figures = self.root / "figures"
+        self.report = self.root / "report.md"
+
+    def finetune(self, variant: str) -> Path:
+        return self.checkpoints / f"finetune-{variant}"
+
+
+def load_meta(layout: RunLayout) -> dict[str, Any]:
+    if not layout.meta.is_file():
+        raise FileNotFoundError(
+            f"{layout.meta} not found; run `cartformer prepare --data FILE --out {layout.root}` first"
+        )
+    return json.loads(layout.meta.read_text())
+
+
+def model_config_from_meta(cfg: ModelConfig, meta: dict[str, Any]) -> ModelConfig:
+    """Fill the vocabulary sizes of ``cfg`` from the prepared data's meta.json."""
+    vocab = meta["vocab_sizes"]
+    cfg.num_products = int(vocab["product"])
+    cfg.num_sources = int(vocab["source"])
+    return cfg
+
+
+# --- prepare -------------------------------------------------------------------------------------
+
+
+def run_prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """Validate and prepare ``cfg.data_path`` into RUN/prepared, or reuse a matching earlier result."""
+    layout = RunLayout(cfg.out_dir)
+    if layout.meta.is_file() and not force:
+        meta = json.loads(layout.meta.read_text())
+        same_input = meta.get("data_path") == str(Path(cfg.data_path).resolve())
+        same_config = meta.get("data_config") == json.loads(json.dumps(cfg.to_dict()["data"]))
+        if same_input and same_config:
+            logger.info("prepare: reusing %s", layout.prepared)
+            return meta
+        logger.info("prepare: input or data config changed, preparing again")
+    if not cfg.data_path:
+        raise ValueError("no input file: pass --data PATH to a Lavka-schema parquet file")
+    meta = prepare(cfg.data_path, layout.prepared, cfg.data)
+    meta["data_path"] = str(Path(cfg.data_path).resolve())
+    meta["data_config"] = cfg.to_dict()["data"]
+    checkpoint.write_json(layout.meta, meta)
+    return meta
+
+
+# --- data loaders --------------------------------------------------------------------------------
+
+
+def make_loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(cfg.seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        generator=generator,
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+
+# --- pretrain ------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def validate_pretrain(
+    model: torch.nn.Module, loader: Any, device: torch.device
+) -> dict[str, float]:
+    """Mean pretrain losses over all predicted events of ``loader``."""
+    model.eval()
+    sums = {"loss": 0.0, "retrieval_loss": 0.0, "feedback_loss": 0.0}
+    count = 0
+    for batch in loader:
+        output = model(move_to_device(batch, device))
+        n = int(output["num_predictions"])
+        for name in sums:
+            sums[name] += float(output[name]) * n
+        count += n
+    if count == 0:
+        raise ValueError("pretrain validation has no predicted events; check the prepared data")
+    return {name: total / count for name, total in sums.items()}
+
+
+def build_pretrain_model(model_cfg: ModelConfig) -> PretrainModel:
+    return PretrainModel(Backbone(model_cfg), model_cfg)
+
+
+def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
+    """Pretrain on next-positive and feedback prediction; keep the epoch with the lowest loss."""
+    layout = RunLayout(cfg.out_dir)
+    meta = load_meta(layout)
+    model_config_from_meta(cfg.model, meta)
+    if _stage_finished(layout.pretrain) and not resume:
+        logger.info("pretrain: reusing %s", layout.pretrain)
+        return None
+    torch.manual_seed(cfg.pretrain.seed)
+    model = build_pretrain_model(cfg.model)
+    train = make_loader(
+        PretrainDataset(layout.prepared / "pretrain_train.parquet"), cfg.pretrain, True
+    )
+    valid = make_loader(
+        PretrainDataset(layout.prepared / "pretrain_valid.parquet"), cfg.pretrain, False
+    )
+    return train_stage(
+        model,
+        train,
+        valid,
+        validate_pretrain,
+        cfg.pretrain,
+        layout.pretrain,
+        monitor="loss",
+        mode="min",
+        model_config=cfg.to_dict()["model"],
+        resume=resume,
+        stage_name="pretrain",
+    )
+
+
+# --- finetune ------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def predict_finetune(
+    model: torch.nn.Module, loader: Any, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Score every candidate of ``loader`` in order.
+
+    Returns:
+        logits (C,), targets (C,), request lengths (R,) and the mean loss over batches.
+    """
+    model.eval()
+    logits, targets, lengths, losses = [], [], [], []
+    for batch in loader:
+        batch = move_to_device(batch, device)
+        output = model(batch)
+        logits.append(output["logits"].float().cpu().numpy())
+        targets.append(batch["candidates"]["target"].cpu().numpy())
+        lengths.append(batch["requests"]["lengths"].cpu().numpy())
+        losses.append(float(output["loss"]))
+    if not logits:
+        raise ValueError("finetune validation is empty; check the prepared data")
+    return (
+        np.concatenate(logits),
+        np.concatenate(targets),
+        np.concatenate(lengths),
+        float(np.mean(losses)),
+    )
+
+
+def validate_finetune(
+    model: torch.nn.Module, loader: Any, device: torch.device
+) -> dict[str, float]:
+    """Validation loss and NDCG@10 averaged over requests with more than one product."""
+    logits, targets, lengths, loss = predict_finetune(model, loader, device)
+    return {"loss": loss, "ndcg10": mean_ndcg(logits, targets, lengths)}
+
+
+def mean_ndcg(scores: np.ndarray, targets: np.ndarray, lengths: np.ndarray) -> float:
+    per_request = ndcg_at_k(scores, targets, lengths, k=10)
+    return float(per_request[lengths > 1].mean())
+
+
+def build_finetune_model(cfg: RunConfig, variant: str) -> FinetuneModel:
+    """Create a finetune model initialized as ``variant`` says."""
+    if variant not in FINETUNE_VARIANTS:
+        raise ValueError(f"unknown finetune variant {variant!r}; choose from {FINETUNE_VARIANTS}")
+    if variant == "scratch":
+        return FinetuneModel(Backbone(cfg.model), cfg.model)
+    layout = RunLayout(cfg.out_dir)
+    best = layout.pretrain / "best.safetensors"
+    if not best.is_file():
+        raise FileNotFoundError(
+            f"{best} not found; variant {variant} needs `cartformer pretrain --out {layout.root}` first"
+        )
+    pretrained = build_pretrain_model(cfg.model)
+    checkpoint.load_weights(pretrained, best)
+    init = "backbone" if variant == "pretrained-backbone" else "backbone+heads"
+    return FinetuneModel.from_pretrain(pretrained, init=init)
+
+
+def run_finetune(
+    cfg: RunConfig, variants: tuple[str, ...] = FINETUNE_VARIANTS, resume: bool = False
+) -> dict[str, StageResult | None]:
+    """Finetune each variant with the pairwise loss; keep the epoch with the best NDCG@10."""
+    layout = RunLayout(cfg.out_dir)
+    meta = load_meta(layout)
+    model_config_from_meta(cfg.model, meta)
+    train_set = FinetuneDataset(layout.prepared / "finetune_train.parquet")
+    valid_set = FinetuneDataset(layout.prepared / "finetune_valid.parquet")
+    results: dict[str, StageResult | None] = {}
+    for variant in variants:
+        stage_dir = layout.finetune(variant)
+        if _stage_finished(stage_dir) and not resume:
+            logger.info("finetune %s: reusing %s", variant, stage_dir)
+            results[variant] = None
+            continue
+        torch.manual_seed(cfg.finetune.seed)
+        model = build_finetune_model(cfg, variant)
+        results[variant] = train_stage(
+            model,
+            make_loader(train_set, cfg.finetune, True),
+            make_loader(valid_set, cfg.finetune, False),
+            validate_finetune,
+            cfg.finetune,
+            stage_dir,
+            monitor="ndcg10",
+            mode="max",
+            model_config=cfg.to_dict()["model"],
+            resume=resume,
+            stage_name=f"finetune {variant}",
+        )
+    return results
+
+
+def load_finetuned(cfg: RunConfig, variant: str) -> FinetuneModel:
+    """Load the best checkpoint of a finetune variant."""
+    layout = RunLayout(cfg.out_dir)
+    model = FinetuneModel(Backbone(cfg.model), cfg.model)
+    checkpoint.load_weights(model, layout.finetune(variant) / "best.safetensors")
+    return model
+
+
+def finished_variants(cfg: RunConfig) -> list[str]:
+    layout = RunLayout(cfg.out_dir)
+    return [v for v in FINETUNE_VARIANTS if (layout.finetune(v) / "best.safetensors").is_file()]
+
+
+def _stage_finished(stage_dir: Path) -> bool:
+    state_path = stage_dir / "trainer_state.json"
+    if not state_path.is_file():
+        return False
+    return bool(json.loads(state_path.read_text()).get("finished"))
+
+
+def device_for(cfg: RunConfig) -> torch.device:
+    return resolve_device(cfg.finetune.device)
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+def run_evaluate(cfg: RunConfig) -> list[MethodResult]:
+    """Score the validation requests with every finetuned variant, the baselines and the oracle,
+    then write RUN/evaluation/ and RUN/report.md."""
+    layout = RunLayout(cfg.out_dir)
+    meta = load_meta(layout)
+    model_config_from_meta(cfg.model, meta)
+    targets, lengths, request_ids, users = load_validation_groups(layout.prepared)
+    keep = lengths > 1
+    dropped = int((~keep).sum())
+    if dropped:
+        logger.info(
+            "evaluate: %d validation requests with a single product are not scored", dropped
+        )
+
+    results: list[MethodResult] = []
+    device = device_for(cfg)
+    valid_set = FinetuneDataset(layout.prepared / "finetune_valid.parquet")
+    for variant in finished_variants(cfg):
+        model = load_finetuned(cfg, variant).to(device)
+        logits, model_targets, model_lengths, _ = predict_finetune(
+            model, make_loader(valid_set, cfg.finetune, shuffle=False), device
+        )
+        if not (np.array_equal(model_lengths, lengths) and np.array_equal(model_targets, targets)):
+            raise RuntimeError("model and baseline validation groups differ; prepare the run again")
+        per_request = ndcg_at_k(logits, targets, lengths, k=10)[keep]
+        results.append(MethodResult(f"finetune: {variant}", "model", per_request))
+
+    for name, scores in compute_baseline_scores(layout.prepared, seed=cfg.data.seed).items():
+        results.append(
+            MethodResult(name, "baseline", ndcg_at_k(scores, targets, lengths, k=10)[keep])
+        )
+
+    oracle_path = cfg.oracle_path or _default_oracle_path(cfg.data_path)
+    if oracle_path:
+        scores = oracle_scores(layout.prepared, oracle_path)
+        if scores is not None:
+            results.append(
+                MethodResult("oracle", "oracle", ndcg_at_k(scores, targets, lengths, k=10)[keep])
+            )
+
+    layout.evaluation.mkdir(parents=True, exist_ok=True)
+    table = {"request_id": request_ids[keep], "user": users[keep]}
+    table.update({r.name: r.per_request for r in results})
+    pl.DataFrame(table).write_parquet(layout.evaluation / "per_request_ndcg10.parquet")
+    summary = {r.name: {"kind": r.kind, "ndcg10": r.mean} for r in results}
+    checkpoint.write_json(
+        layout.evaluation / "summary.json", {"requests": int(keep.sum()), "methods": summary}
+    )
+
+    pretrain_history = read_metrics(layout.pretrain)
+    finetune_histories = {v: read_metrics(layout.finetune(v)) for v in finished_variants(cfg)}
+    figures = plot_learning_curves(pretrain_history, finetune_histories, layout.figures)
+    text = render_report(
+        results, meta, pretrain_history, finetune_histories, figures, layout.root, cfg.to_dict()
+    )
+    layout.report.write_text(text)
+    logger.info("evaluate: wrote %s", layout.report)
+    return results
+
+
+def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
+    path = stage_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _default_oracle_path(data_path: str) -> str:
+    if not data_path:
+        return ""
+    candidate = oracle_path_for(data_path)
+    return str(candidate) if candidate.is_file() else ""
