@@ -56,7 +56,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
             tensors[key] = handle.get_tensor(key)
     return tensors, metadata
 
