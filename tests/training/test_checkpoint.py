@@ -18,7 +18,9 @@ def test_weights_round_trip(tmp_path):
     target = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     config = checkpoint.load_weights(target, path)
     assert config == {"embedding_dim": 4}
-    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        source.state_dict().items(), target.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
