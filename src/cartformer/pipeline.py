@@ -336,6 +336,8 @@ def run_evaluate(cfg: RunConfig) -> list[MethodResult]:
             MethodResult(name, "baseline", ndcg_at_k(scores, targets, lengths, k=10)[keep])
         )
 
+    if cfg.oracle_path and not Path(cfg.oracle_path).is_file():
+        raise FileNotFoundError(f"oracle file not found: {cfg.oracle_path}; fix --oracle or drop it")
     oracle_path = cfg.oracle_path or _default_oracle_path(cfg.data_path)
     if oracle_path:
         scores = oracle_scores(layout.prepared, oracle_path)

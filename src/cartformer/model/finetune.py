@@ -1,0 +1,141 @@
+"""Finetuning head: score request candidates against the user state at request time."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from cartformer.config import ModelConfig
+from cartformer.model.backbone import Backbone
+from cartformer.model.layers import residual_mlp
+from cartformer.model.losses import calibrated_pairwise_logistic
+from cartformer.model.ops import make_groups, sequence_offsets
+from cartformer.model.pretrain import PretrainModel
+
+PretrainInit = Literal["backbone", "backbone+heads"]
+
+
+class FinetuneModel(nn.Module):
+    """Backbone plus a ranking head trained with the calibrated pairwise logistic loss.
+
+    A request r of sample b is scored from the state h_k at k = `state_index[r]` of b's history
+    and the request's surface context. With u = normalize(user_context_fusion([h_k, c_r])) and
+    v = normalize(candidate_projector(i)) for a candidate product i, the logit is
+    <u, v> / exp(scale) + bias.
+
+    The fusion and projector heads have the same shapes as in `PretrainModel`, so
+    `from_pretrain` can copy them.
+    """
+
+    def __init__(self, backbone: Backbone, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        config = config if config is not None else backbone.config
+        if config.embedding_dim != backbone.embedding_dim:
+            raise ValueError(
+                f"ModelConfig.embedding_dim={config.embedding_dim} differs from the backbone's "
+                f"{backbone.embedding_dim}. Build both from the same config"
+            )
+        dim = config.embedding_dim
+        self.config = config
+        self.backbone = backbone
+        self.user_context_fusion = residual_mlp(2 * dim, out_dim=dim)
+        self.candidate_projector = residual_mlp(dim)
+        self.scale = nn.Parameter(torch.zeros(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    @classmethod
+    def from_pretrain(
+        cls, pretrain_model: PretrainModel, init: PretrainInit = "backbone"
+    ) -> FinetuneModel:
+        """Build a finetune model from copies of a pretrained model's weights.
+
+        `init="backbone"` copies the backbone and leaves fresh heads, and `"backbone+heads"` also
+        copies `user_context_fusion` and `candidate_projector`. The pretrained model is not
+        modified and shares no parameters with the result.
+        """
+        if init not in ("backbone", "backbone+heads"):
+            raise ValueError(f"init={init!r} is invalid. Use 'backbone' or 'backbone+heads'")
+        model = cls(copy.deepcopy(pretrain_model.backbone), pretrain_model.config)
+        if init == "backbone+heads":
+            model.user_context_fusion.load_state_dict(
+                pretrain_model.user_context_fusion.state_dict()
+            )
+            model.candidate_projector.load_state_dict(
+                pretrain_model.candidate_projector.state_dict()
+            )
+        return model.to(next(pretrain_model.parameters()).device)
+
+    def score(self, batch: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
+        """Score every candidate of a batch without reading targets.
+
+        Args:
+            batch: `history` as for the backbone, whose `target_index` is ignored.
+                `requests` with `source` (R,), `state_index` (R,) local to the sample, `lengths`
+                (R,) candidates per request and `num_requests` (B,). `candidates` with
+                `product` (C,).
+
+        Returns:
+            (C,) calibrated logits, in the order of `candidates.product`.
+        """
+        history = batch["history"]
+        requests = batch["requests"]
+        states = self.backbone(history).states
+
+        state_positions = self._state_positions(history["lengths"], requests)
+        contexts = self.backbone.context_encoder(requests)
+        fused = self.user_context_fusion(torch.cat([states[state_positions], contexts], dim=-1))
+        users = F.normalize(fused, dim=-1)
+
+        request_lengths = requests["lengths"]
+        products = batch["candidates"]["product"]
+        total = int(request_lengths.sum())
+        if total != products.shape[0]:
+            raise ValueError(
+                f"requests.lengths sums to {total} but candidates.product has "
+                f"{products.shape[0]} entries"
+            )
+        users = torch.repeat_interleave(users, request_lengths, dim=0, output_size=total)
+        items = F.normalize(self.candidate_projector(self.backbone.encode_items(products)), dim=-1)
+        similarities = (users * items).sum(dim=-1)
+        return similarities / torch.exp(self.scale) + self.bias
+
+    def forward(self, batch: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Score a batch and compute the loss against `candidates.target` (C,).
+
+        Returns:
+            `logits` (C,) and `loss`, the scalar calibrated pairwise logistic loss over the
+            requests (0 when no request has both targets).
+        """
+        logits = self.score(batch)
+        loss = calibrated_pairwise_logistic(
+            logits, batch["candidates"]["target"], batch["requests"]["lengths"]
+        )
+        return {"logits": logits, "loss": loss}
+
+    @staticmethod
+    def _state_positions(lengths: Tensor, requests: Mapping[str, Tensor]) -> Tensor:
+        """Return the (R,) global history positions of the states that score each request."""
+        num_requests = requests["num_requests"]
+        state_index = requests["state_index"]
+        if num_requests.shape != lengths.shape:
+            raise ValueError(
+                f"requests.num_requests has shape {tuple(num_requests.shape)} but "
+                f"history.lengths has {tuple(lengths.shape)}. Both need one entry per sample"
+            )
+        owner = make_groups(num_requests)
+        if owner.shape != state_index.shape:
+            raise ValueError(
+                f"requests.num_requests sums to {owner.numel()} but requests.state_index has "
+                f"{state_index.numel()} entries"
+            )
+        if bool(((state_index < 0) | (state_index >= lengths[owner])).any()):
+            raise ValueError(
+                "requests.state_index has a position outside its sample's history. State "
+                "indices must be local positions in 0..length-1"
+            )
+        return sequence_offsets(lengths)[owner] + state_index

@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from cartformer.config import ModelConfig
+from cartformer.model.backbone import Backbone
+
+NUM_PRODUCTS = 25_000
+NUM_SOURCES = 10
+
+
+def make_config(**overrides) -> ModelConfig:
+    values = {"num_products": NUM_PRODUCTS, "num_sources": NUM_SOURCES, **overrides}
+    return ModelConfig(**values)
+
+
+def random_history(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    size = sum(lengths)
+    return {
+        "product": torch.randint(0, NUM_PRODUCTS, (size,), generator=generator),
+        "source": torch.randint(0, NUM_SOURCES, (size,), generator=generator),
+        "action": torch.randint(1, 4, (size,), generator=generator),
+        "position": torch.cat([torch.arange(length) for length in lengths]),
+        "lengths": torch.tensor(lengths),
+    }
+
+
+def slice_history(history: dict[str, torch.Tensor], start: int, length: int):
+    sliced = {
+        key: value[start : start + length] for key, value in history.items() if key != "lengths"
+    }
+    sliced["lengths"] = torch.tensor([length])
+    return sliced
+
+
+def test_backbone_spec_sample_shapes():
+    history = {
+        "source": torch.tensor([1, 1, 7, 1, 1]),
+        "action": torch.tensor([2, 2, 2, 1, 2]),
+        "product": torch.tensor([19210, 8368, 5165, 5326, 12476]),
+        "position": torch.tensor([0, 1, 2, 3, 4]),
+        "target_index": torch.tensor([0, 1, 2]),
+        "target_lengths": torch.tensor([3]),
+        "lengths": torch.tensor([5]),
+    }
+    output = Backbone(make_config())(history)
+    assert output.states.shape == (5, 64)
+    assert output.item_embeddings.shape == (5, 64)
+    assert output.context_embeddings.shape == (5, 64)
+
+
+def test_eval_matches_train_without_dropout(monkeypatch):
+    torch.manual_seed(0)
+    backbone = Backbone(make_config(dropout=0.0))
+    history = random_history([3, 9, 1, 6])
+    backbone.train()
+    train_states = backbone(history).states
+
+    # Count calls of the fused layer kernel that eval mode under no_grad may take.
+    fused_calls = []
+    fused_kernel = torch._transformer_encoder_layer_fwd
+
+    def counting_kernel(*args):
+        fused_calls.append(1)
+        return fused_kernel(*args)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting_kernel)
+    backbone.eval()
+    with torch.no_grad():
+        eval_states = backbone(history).states
+    assert len(fused_calls) == backbone.config.num_layers
+    assert torch.allclose(train_states, eval_states, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sequence_independent_of_batch(mode):
+    torch.manual_seed(0)
+    backbone = Backbone(make_config(dropout=0.0)).train(mode == "train")
+    lengths = [4, 11, 1, 7]
+    history = random_history(lengths)
+    with torch.no_grad():
+        batch_states = backbone(history).states
+        start = 0
+        for length in lengths:
+            alone = backbone(slice_history(history, start, length)).states
+            assert torch.allclose(alone, batch_states[start : start + length], atol=1e-5)
+            start += length
+
+
+def test_states_are_causal():
+    torch.manual_seed(0)
+    backbone = Backbone(make_config(dropout=0.0)).eval()
+    history = random_history([6])
+    changed = {key: value.clone() for key, value in history.items()}
+    changed["product"][4:] = (changed["product"][4:] + 1) % NUM_PRODUCTS
+    with torch.no_grad():
+        original = backbone(history).states
+        altered = backbone(changed).states
+    assert torch.allclose(original[:4], altered[:4], atol=1e-6)
+    assert not torch.allclose(original[4:], altered[4:], atol=1e-6)
+
+
+def test_encode_items_uses_item_encoder():
+    backbone = Backbone(make_config())
+    products = torch.tensor([0, 5, 24_999])
+    embeddings = backbone.encode_items(products)
+    assert embeddings.shape == (3, 64)
+    assert torch.equal(embeddings, backbone.item_encoder.tables["product"].weight[products])
+
+
+def test_backbone_gradients_finite():
+    backbone = Backbone(make_config(num_products=50))
+    history = random_history([5, 2])
+    history["product"] %= 50
+    backbone(history).states.sum().backward()
+    for name, parameter in backbone.named_parameters():
+        assert parameter.grad is not None, name
+        assert bool(torch.isfinite(parameter.grad).all()), name
+
+
+def test_rejects_empty_sequence():
+    history = random_history([3, 0])
+    with pytest.raises(ValueError, match="contains 0"):
+        Backbone(make_config())(history)
+
+
+def test_rejects_sequence_over_max_len():
+    history = random_history([9])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Backbone(make_config(max_seq_len=8))(history)
+
+
+def test_rejects_mismatched_lengths():
+    history = random_history([3, 2])
+    history["lengths"] = torch.tensor([3, 3])
+    with pytest.raises(ValueError, match="sums to 6"):
+        Backbone(make_config())(history)

@@ -1,0 +1,178 @@
+import pytest
+import torch
+
+from cartformer.config import ModelConfig
+from cartformer.model.backbone import Backbone
+from cartformer.model.finetune import FinetuneModel
+from cartformer.model.losses import calibrated_pairwise_logistic
+from cartformer.model.pretrain import PretrainModel
+
+NUM_PRODUCTS = 25_000
+NUM_SOURCES = 10
+
+
+def make_config(**overrides) -> ModelConfig:
+    values = {"num_products": NUM_PRODUCTS, "num_sources": NUM_SOURCES, **overrides}
+    return ModelConfig(**values)
+
+
+def spec_sample() -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        "history": {
+            "source": torch.tensor([8, 8, 8, 8, 8]),
+            "action": torch.tensor([1, 1, 2, 2, 1]),
+            "product": torch.tensor([3551, 17044, 10396, 10396, 10396]),
+            "position": torch.tensor([0, 1, 2, 3, 4]),
+            "target_index": torch.zeros(0, dtype=torch.int64),
+            "target_lengths": torch.tensor([0]),
+            "lengths": torch.tensor([5]),
+        },
+        "requests": {
+            "source": torch.tensor([8]),
+            "state_index": torch.tensor([1]),
+            "lengths": torch.tensor([15]),
+            "num_requests": torch.tensor([1]),
+        },
+        "candidates": {
+            "product": torch.tensor(
+                [18391, 6750, 21647, 5339, 3171, 6150, 3454, 20012, 19954, 10690, 24020, 5551]
+                + [5699, 17388, 10396]
+            ),
+            "target": torch.tensor([0] * 14 + [1]),
+        },
+    }
+
+
+def two_user_batch() -> dict[str, dict[str, torch.Tensor]]:
+    """User 0: 4 events and 2 requests; user 1: 3 events and 1 request."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "history": {
+            "product": torch.randint(1, NUM_PRODUCTS, (7,), generator=generator),
+            "source": torch.randint(0, NUM_SOURCES, (7,), generator=generator),
+            "action": torch.randint(1, 4, (7,), generator=generator),
+            "position": torch.tensor([0, 1, 2, 3, 0, 1, 2]),
+            "target_index": torch.zeros(0, dtype=torch.int64),
+            "target_lengths": torch.tensor([0, 0]),
+            "lengths": torch.tensor([4, 3]),
+        },
+        "requests": {
+            "source": torch.tensor([1, 2, 3]),
+            "state_index": torch.tensor([1, 3, 2]),
+            "lengths": torch.tensor([3, 2, 4]),
+            "num_requests": torch.tensor([2, 1]),
+        },
+        "candidates": {
+            "product": torch.randint(1, NUM_PRODUCTS, (9,), generator=generator),
+            "target": torch.tensor([1, 0, 0, 0, 1, 0, 1, 1, 0]),
+        },
+    }
+
+
+def test_spec_sample_shapes():
+    torch.manual_seed(0)
+    output = FinetuneModel(Backbone(make_config()))(spec_sample())
+    assert output["logits"].shape == (15,)
+    assert output["loss"].shape == ()
+
+
+def test_logits_match_plain_reference():
+    torch.manual_seed(0)
+    model = FinetuneModel(Backbone(make_config())).eval()
+    with torch.no_grad():
+        model.scale.fill_(0.3)
+        model.bias.fill_(-0.2)
+    batch = two_user_batch()
+    with torch.no_grad():
+        logits = model(batch)["logits"]
+        states = model.backbone(batch["history"]).states
+        expected = []
+        request_states = [states[1], states[3], states[4 + 2]]
+        request_candidates = [range(0, 3), range(3, 5), range(5, 9)]
+        for request, state in enumerate(request_states):
+            context = model.backbone.context_encoder({"source": batch["requests"]["source"]})
+            user = model.user_context_fusion(torch.cat([state, context[request]]))
+            user = torch.nn.functional.normalize(user, dim=-1)
+            for candidate in request_candidates[request]:
+                product = batch["candidates"]["product"][candidate : candidate + 1]
+                item = model.candidate_projector(model.backbone.encode_items(product))[0]
+                item = torch.nn.functional.normalize(item, dim=-1)
+                expected.append((user * item).sum() / torch.exp(torch.tensor(0.3)) - 0.2)
+    assert torch.allclose(logits, torch.stack(expected), atol=1e-5)
+
+
+def test_loss_is_cpl_of_logits():
+    model = FinetuneModel(Backbone(make_config()))
+    batch = two_user_batch()
+    output = model(batch)
+    expected = calibrated_pairwise_logistic(
+        output["logits"], batch["candidates"]["target"], batch["requests"]["lengths"]
+    )
+    assert torch.equal(output["loss"], expected)
+
+
+def test_score_without_targets():
+    model = FinetuneModel(Backbone(make_config())).eval()
+    batch = two_user_batch()
+    del batch["candidates"]["target"]
+    with torch.no_grad():
+        assert model.score(batch).shape == (9,)
+
+
+def test_gradients_finite_for_all_parameters():
+    model = FinetuneModel(Backbone(make_config(num_products=30_000)))
+    model(two_user_batch())["loss"].backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert bool(torch.isfinite(parameter.grad).all()), name
+
+
+def test_from_pretrain_backbone_only():
+    torch.manual_seed(0)
+    pretrain = PretrainModel(Backbone(make_config()))
+    model = FinetuneModel.from_pretrain(pretrain, init="backbone")
+    pretrained_state = pretrain.backbone.state_dict()
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, pretrained_state[name]), name
+    fusion_weight = model.user_context_fusion[0].linear.weight
+    assert not torch.equal(fusion_weight, pretrain.user_context_fusion[0].linear.weight)
+
+
+def test_from_pretrain_with_heads():
+    torch.manual_seed(0)
+    pretrain = PretrainModel(Backbone(make_config()))
+    model = FinetuneModel.from_pretrain(pretrain, init="backbone+heads")
+    for head in ("user_context_fusion", "candidate_projector"):
+        pretrained_state = getattr(pretrain, head).state_dict()
+        for name, value in getattr(model, head).state_dict().items():
+            assert torch.equal(value, pretrained_state[name]), f"{head}.{name}"
+
+
+def test_from_pretrain_copies_parameters():
+    pretrain = PretrainModel(Backbone(make_config()))
+    model = FinetuneModel.from_pretrain(pretrain, init="backbone+heads")
+    with torch.no_grad():
+        model.backbone.position_embeddings.weight.add_(1.0)
+    assert not torch.equal(
+        model.backbone.position_embeddings.weight, pretrain.backbone.position_embeddings.weight
+    )
+
+
+def test_from_pretrain_rejects_unknown_init():
+    pretrain = PretrainModel(Backbone(make_config()))
+    with pytest.raises(ValueError, match="init"):
+        FinetuneModel.from_pretrain(pretrain, init="heads")
+
+
+def test_rejects_state_outside_history():
+    batch = two_user_batch()
+    batch["requests"]["state_index"][2] = 3
+    with pytest.raises(ValueError, match="state_index"):
+        FinetuneModel(Backbone(make_config()))(batch)
+
+
+def test_rejects_candidate_count_mismatch():
+    batch = two_user_batch()
+    batch["requests"]["lengths"] = torch.tensor([3, 2, 3])
+    with pytest.raises(ValueError, match="candidates.product"):
+        FinetuneModel(Backbone(make_config()))(batch)

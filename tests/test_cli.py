@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from cartformer.cli import build_parser, main, resolve_config
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_run_options_reach_config(tmp_path):
+    args = parse(
+        "run",
+        "--out",
+        str(tmp_path),
+        "--pretrain-epochs",
+        "7",
+        "--finetune-lr",
+        "0.0005",
+        "--embedding-dim",
+        "32",
+        "--max-history",
+        "128",
+        "--device",
+        "cpu",
+    )
+    cfg = resolve_config(args)
+    assert cfg.pretrain.max_epochs == 7
+    assert cfg.finetune.lr == 0.0005
+    assert cfg.pretrain.lr == 1e-3
+    assert cfg.model.embedding_dim == 32
+    assert cfg.data.max_history == 128
+    assert cfg.model.max_seq_len == 128
+    assert cfg.finetune.device == "cpu"
+
+
+def test_saved_config_kept_for_missing_options(tmp_path):
+    first = resolve_config(parse("finetune", "--out", str(tmp_path), "--lr", "0.002"))
+    first.save(tmp_path / "config.json")
+    second = resolve_config(parse("finetune", "--out", str(tmp_path), "--epochs", "3"))
+    assert second.finetune.lr == 0.002
+    assert second.finetune.max_epochs == 3
+
+
+def test_missing_prepared_data_is_one_line_error(tmp_path, capsys):
+    code = main(["pretrain", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "cartformer prepare" in err
+
+
+def test_prepare_without_data_is_error(tmp_path, capsys):
+    code = main(["prepare", "--out", str(tmp_path)])
+    assert code == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_config_written_by_stage(tmp_path):
+    main(["prepare", "--out", str(tmp_path), "--min-history", "3"])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["data"]["min_history"] == 3
+
+
+@pytest.mark.parametrize(
+    "command", ["demo-data", "prepare", "pretrain", "finetune", "evaluate", "run"]
+)
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: cartformer" in capsys.readouterr().out
