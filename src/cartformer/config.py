@@ -35,6 +35,7 @@ class ModelConfig:
     num_heads: int = 2
     num_layers: int = 2
     dropout: float = 0.1
+    attention_dropout: float | None = None  # None: the same as dropout, as in torch's layer
     max_seq_len: int = 512
     num_products: int = 0
     num_sources: int = 0

@@ -26,7 +26,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from cartformer.config import ModelConfig, RunConfig, TrainConfig
-from cartformer.data.dataset import FinetuneDataset, PretrainDataset, collate, move_to_device
+from cartformer.data.dataset import (
+    FinetuneDataset,
+    LengthBucketBatchSampler,
+    PretrainDataset,
+    collate,
+    move_to_device,
+)
 from cartformer.data.demo import oracle_path_for
 from cartformer.data.prepare import prepare
 from cartformer.evaluation.baselines import compute_baseline_scores, load_validation_groups
@@ -110,18 +116,20 @@ def run_prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
 # --- data loaders --------------------------------------------------------------------------------
 
 
-def make_loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(cfg.seed)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=shuffle,
-        collate_fn=collate,
-        num_workers=cfg.num_workers,
-        generator=generator,
-        persistent_workers=cfg.num_workers > 0,
-    )
+def make_loader(
+    dataset: PretrainDataset | FinetuneDataset, cfg: TrainConfig, shuffle: bool
+) -> DataLoader:
+    """A training loader batches users of similar history length in random order; an evaluation
+    loader keeps the file order, which the validation groups and baselines share."""
+    common = {
+        "collate_fn": collate,
+        "num_workers": cfg.num_workers,
+        "persistent_workers": cfg.num_workers > 0,
+    }
+    if shuffle:
+        sampler = LengthBucketBatchSampler(dataset.history_lengths, cfg.batch_size, seed=cfg.seed)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, **common)
 
 
 # --- pretrain ------------------------------------------------------------------------------------
@@ -337,7 +345,9 @@ def run_evaluate(cfg: RunConfig) -> list[MethodResult]:
         )
 
     if cfg.oracle_path and not Path(cfg.oracle_path).is_file():
-        raise FileNotFoundError(f"oracle file not found: {cfg.oracle_path}; fix --oracle or drop it")
+        raise FileNotFoundError(
+            f"oracle file not found: {cfg.oracle_path}; fix --oracle or drop it"
+        )
     oracle_path = cfg.oracle_path or _default_oracle_path(cfg.data_path)
     if oracle_path:
         scores = oracle_scores(layout.prepared, oracle_path)

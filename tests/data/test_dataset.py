@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from cartformer.config import ModelConfig
 from cartformer.data.dataset import (
     FinetuneDataset,
+    LengthBucketBatchSampler,
     PretrainDataset,
     collate,
     move_to_device,
@@ -206,3 +207,27 @@ def test_empty_file(tmp_path):
     rows = {name: ([], kind) for name, (_, kind) in PRETRAIN_ROWS.items()}
     dataset = PretrainDataset(write_table(tmp_path / "pretrain.parquet", rows))
     assert len(dataset) == 0
+
+
+def test_bucket_sampler_covers_every_sample_once():
+    lengths = np.random.default_rng(0).integers(1, 512, size=103)
+    sampler = LengthBucketBatchSampler(lengths, batch_size=8, seed=1, pool_batches=4)
+    for _ in range(2):
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        flat = sorted(i for batch in batches for i in batch)
+        assert flat == list(range(103))
+
+
+def test_bucket_sampler_reduces_padding():
+    lengths = np.random.default_rng(0).integers(1, 512, size=800)
+    bucketed = list(LengthBucketBatchSampler(lengths, batch_size=16, seed=0))
+    padded = sum(len(b) * lengths[b].max() for b in bucketed)
+    random_batches = np.array_split(np.random.default_rng(0).permutation(800), 50)
+    padded_random = sum(len(b) * lengths[b].max() for b in random_batches)
+    assert padded < 0.7 * padded_random
+
+
+def test_bucket_sampler_order_changes_per_epoch():
+    sampler = LengthBucketBatchSampler(np.arange(64), batch_size=4, seed=0)
+    assert list(sampler) != list(sampler)

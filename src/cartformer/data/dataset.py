@@ -9,7 +9,7 @@ of docs/architecture.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -317,3 +317,39 @@ def move_to_device(batch: Any, device: torch.device | str, non_blocking: bool = 
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(value, device, non_blocking) for value in batch)
     return batch
+
+
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Batches of samples with similar history lengths, in a new random order every epoch.
+
+    Each epoch shuffles the samples, cuts the permutation into pools of ``pool_batches``
+    batches, sorts every pool by history length, cuts it into batches and shuffles the order
+    of all batches. Padding inside a batch shrinks to the length spread of one pool while the
+    batches stay random. Every sample appears exactly once per epoch.
+    """
+
+    def __init__(
+        self, lengths: np.ndarray, batch_size: int, seed: int = 0, pool_batches: int = 50
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.pool_size = batch_size * pool_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size) if len(self.lengths) else 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(len(self.lengths))
+        batches: list[np.ndarray] = []
+        for start in range(0, len(order), self.pool_size):
+            pool = order[start : start + self.pool_size]
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            batches.extend(np.split(pool, np.arange(self.batch_size, len(pool), self.batch_size)))
+        for index in rng.permutation(len(batches)):
+            yield batches[index].tolist()

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from cartformer.config import ModelConfig
@@ -29,8 +30,8 @@ class Backbone(nn.Module):
     """Encode events as tokens and run a causal transformer over each history.
 
     A token is i_t + c_t + f_t + p_t: item, context, feedback and absolute position embeddings.
-    The tokens of all sequences are padded to (B, L, D) and pass through `nn.TransformerEncoder`
-    with a causal mask and a key-padding mask, so the state of event t depends only on events
+    The tokens of all sequences are padded to (B, L, D) and pass through post-norm transformer
+    layers with a causal and key-padding mask, so the state of event t depends only on events
     0..t of the same sequence.
 
     Args:
@@ -62,19 +63,12 @@ class Backbone(nn.Module):
         )
         self.position_embeddings = nn.Embedding(config.max_seq_len, dim)
 
-        layer = nn.TransformerEncoderLayer(
-            d_model=dim,
-            nhead=config.num_heads,
-            dim_feedforward=4 * dim,
-            dropout=config.dropout,
-            activation="gelu",
-            batch_first=True,
+        attention_dropout = (
+            config.dropout if config.attention_dropout is None else config.attention_dropout
         )
-        # In torch 2.13 the nested-tensor path is skipped whenever a mask is given, as the causal
-        # mask always is here, and disabling it also silences the constructor warning. Eval mode
-        # under no_grad still takes the fused layer kernel, which a test compares with train mode.
-        self.transformer = nn.TransformerEncoder(
-            layer, config.num_layers, enable_nested_tensor=False
+        self.layers = nn.ModuleList(
+            CausalEncoderLayer(dim, config.num_heads, config.dropout, attention_dropout)
+            for _ in range(config.num_layers)
         )
 
     @property
@@ -107,12 +101,14 @@ class Backbone(nn.Module):
         valid = lengths_to_mask(lengths, max_len)
         padded = tokens.new_zeros(*valid.shape, tokens.shape[-1])
         padded[valid] = tokens
-        causal_mask = torch.triu(
-            torch.ones(max_len, max_len, dtype=torch.bool, device=tokens.device), diagonal=1
-        )
-        # Every query row keeps key 0 of its own sequence, so no row is fully masked and padded
-        # rows stay finite. The padded rows are dropped below.
-        encoded = self.transformer(padded, mask=causal_mask, src_key_padding_mask=~valid)
+        # attend[b, 0, i, j]: query i of sequence b sees key j when j <= i and j is a real event.
+        # Key 0 is always visible, so no row is fully masked and padded rows stay finite; they
+        # are dropped below.
+        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=tokens.device).tril()
+        attend = causal[None, None] & valid[:, None, None, :]
+        encoded = padded
+        for layer in self.layers:
+            encoded = layer(encoded, attend)
         return BackboneOutput(
             states=encoded[valid],
             item_embeddings=item_embeddings,
@@ -140,3 +136,52 @@ class Backbone(nn.Module):
                 f"history.lengths sums to {total} but history.product has {num_events} events"
             )
         return longest
+
+
+class CausalEncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer on `scaled_dot_product_attention`.
+
+    It computes what `nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout, "gelu",
+    batch_first=True)` computes, with the same parameter shapes (a test copies the weights
+    across and compares outputs), but lets PyTorch pick a fused attention kernel instead of
+    materializing the attention matrix in Python-visible steps:
+
+        x = norm1(x + dropout(out_proj(attention(in_proj(x)))))
+        x = norm2(x + dropout(linear2(dropout(gelu(linear1(x))))))
+
+    `attention_dropout` is the dropout on attention weights, which the torch layer ties to
+    `dropout`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float, attention_dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.in_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.linear1 = nn.Linear(dim, 4 * dim)
+        self.linear2 = nn.Linear(4 * dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout_attention_output = nn.Dropout(dropout)
+        self.dropout_hidden = nn.Dropout(dropout)
+        self.dropout_feedforward_output = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
+        """(B, L, D) tokens and a (B, 1, L, L) bool mask, True where a query sees a key,
+        -> (B, L, D)."""
+        batch, length, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = self.in_proj(x).view(batch, length, 3, self.num_heads, head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attend,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        attended = attended.transpose(1, 2).reshape(batch, length, dim)
+        x = self.norm1(x + self.dropout_attention_output(self.out_proj(attended)))
+        hidden = self.dropout_hidden(F.gelu(self.linear1(x)))
+        return self.norm2(x + self.dropout_feedforward_output(self.linear2(hidden)))
