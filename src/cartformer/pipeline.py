@@ -94,23 +94,34 @@ def model_config_from_meta(cfg: ModelConfig, meta: dict[str, Any]) -> ModelConfi
 
 
 def run_prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
-    """Validate and prepare ``cfg.data_path`` into RUN/prepared, or reuse a matching earlier result."""
+    """Validate and prepare ``cfg.data_path`` into RUN/prepared.
+
+    An earlier result is reused when it was made from the same file (path, size and
+    modification time) with the same data config.
+    """
     layout = RunLayout(cfg.out_dir)
-    if layout.meta.is_file() and not force:
-        meta = json.loads(layout.meta.read_text())
-        same_input = meta.get("data_path") == str(Path(cfg.data_path).resolve())
-        same_config = meta.get("data_config") == json.loads(json.dumps(cfg.to_dict()["data"]))
-        if same_input and same_config:
-            logger.info("prepare: reusing %s", layout.prepared)
-            return meta
-        logger.info("prepare: input or data config changed, preparing again")
     if not cfg.data_path:
         raise ValueError("no input file: pass --data PATH to a Lavka-schema parquet file")
-    meta = prepare(cfg.data_path, layout.prepared, cfg.data)
-    meta["data_path"] = str(Path(cfg.data_path).resolve())
-    meta["data_config"] = cfg.to_dict()["data"]
+    data_path = Path(cfg.data_path)
+    if not data_path.is_file():
+        raise FileNotFoundError(f"input file not found: {data_path}; check --data")
+    fingerprint = _file_fingerprint(data_path)
+    data_config = json.loads(json.dumps(cfg.to_dict()["data"]))
+    if layout.meta.is_file() and not force:
+        meta = json.loads(layout.meta.read_text())
+        if meta.get("input_file") == fingerprint and meta.get("config") == data_config:
+            logger.info("prepare: reusing %s", layout.prepared)
+            return meta
+        logger.info("prepare: the input file or the data config changed, preparing again")
+    meta = prepare(data_path, layout.prepared, cfg.data)
+    meta["input_file"] = fingerprint
     checkpoint.write_json(layout.meta, meta)
     return meta
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 # --- data loaders --------------------------------------------------------------------------------

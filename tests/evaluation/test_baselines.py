@@ -93,7 +93,7 @@ def write_prepared(
             "candidate_target": pl.List(pl.Int8),
         },
     ).write_parquet(directory / "finetune_valid.parquet")
-    meta = {"train_end": TRAIN_END, "valid_end": 3000} if meta is None else meta
+    meta = {"split": {"train_end": TRAIN_END, "valid_end": 3000}} if meta is None else meta
     (directory / "meta.json").write_text(json.dumps(meta))
     return directory
 

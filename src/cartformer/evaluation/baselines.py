@@ -205,10 +205,10 @@ def read_train_end(prepared_dir: str | Path) -> int:
     path = Path(prepared_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run the prepare stage first")
-    meta = json.loads(path.read_text())
-    if "train_end" not in meta:
-        raise ValueError(f"{path} has no 'train_end' key; rerun the prepare stage")
-    train_end = meta["train_end"]
+    split = json.loads(path.read_text()).get("split", {})
+    if "train_end" not in split:
+        raise ValueError(f"{path} has no 'split.train_end' key; rerun the prepare stage")
+    train_end = split["train_end"]
     if isinstance(train_end, bool) or not isinstance(train_end, (int, float)):
         raise ValueError(f"{path}: 'train_end' must be unix seconds, got {train_end!r}")
     return int(train_end)

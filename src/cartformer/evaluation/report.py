@@ -199,7 +199,7 @@ def render_report(
     for key in ("train_end_iso", "valid_start_iso", "valid_end_iso"):
         if key in split:
             lines.append(f"- {key.removesuffix('_iso').replace('_', ' ')}: {split[key]}")
-    for key in ("rows_read", "positive_events", "vocab_sizes", "dropped"):
+    for key in ("counts", "vocab_sizes", "dropped"):
         if key in meta:
             lines.append(
                 f"- {key.replace('_', ' ')}: `{json.dumps(meta[key], ensure_ascii=False)}`"
