@@ -75,8 +75,8 @@ CHECKOUT_DELAY_SECONDS = (400, 1200)
 class Simulation:
     """Rows and oracle pairs of one simulated span, in generation order.
 
-    E event rows and O shown (request, product) pairs. Request and position are -1 on
-    purchases, surface is -1 on purchases.
+    E event rows and O shown (request, product) pairs. Request, position and surface are -1 on
+    purchases.
     """
 
     user: np.ndarray  # (E,) int32

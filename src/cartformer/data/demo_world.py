@@ -15,6 +15,10 @@ from cartformer.data.demo_vocab import CATEGORIES, CITIES
 
 TASTE_DIM = 12
 """Dimension of the latent taste space of products and shoppers."""
+TASTE_STD = 1.0 / np.sqrt(TASTE_DIM)
+"""Per-dimension standard deviation of the shopper tastes around their mean."""
+TASTE_MEAN_STD = 0.25
+"""Per-dimension standard deviation of the population mean taste."""
 CATEGORY_BASE_WEIGHT = 0.5
 CATEGORY_AFFINITY_STD = 0.5
 NICHE_PENALTY = 4.0
@@ -61,8 +65,8 @@ class Surface:
     """Weights of the candidate pool sources: store popularity, request category, the shopper's
     recent purchases, uniform over the store's assortment."""
     category_mode: str
-    """How the request category is chosen: "browse", "intent", "anchor", "complement",
-    "impulse" or "none"."""
+    """Rule that picks the request category: "browse", "intent", "anchor", "complement",
+    "impulse" or "none" (no category source in the pool, so "browse" is used if needed)."""
     rank_weights: tuple[float, float, float, float]
     """Weights of taste, popularity, purchased-before flag and Gumbel noise in the list order."""
     cart_offset: float
@@ -175,7 +179,7 @@ def build_world(size: DemoSize, rng: np.random.Generator) -> World:
     complement = np.array([names_to_index[category.complement] for category in CATEGORIES])
     impulse = np.flatnonzero([category.impulse for category in CATEGORIES])
 
-    in_assortment = _draw_assortments(size.num_stores, pop_z, store_city, rng)
+    in_assortment = _draw_assortments(size.num_stores, pop_z, rng)
     assortment_start, assortment_product, cumulative, store_category_start = _flatten_assortments(
         in_assortment, popularity, category_start
     )
@@ -195,7 +199,7 @@ def build_world(size: DemoSize, rng: np.random.Generator) -> World:
     outside_niche = rng.random((size.num_users, num_categories)) >= niche_share
     affinity = np.where(outside_niche, affinity - NICHE_PENALTY, affinity)
 
-    taste_mean = rng.normal(0.0, 0.25, TASTE_DIM)
+    taste_mean = rng.normal(0.0, TASTE_MEAN_STD, TASTE_DIM)
     initial_taste = taste_mean + rng.normal(0.0, TASTE_STD, (size.num_users, TASTE_DIM))
 
     return World(
@@ -226,10 +230,6 @@ def build_world(size: DemoSize, rng: np.random.Generator) -> World:
         taste_mean=taste_mean,
         initial_taste=initial_taste,
     )
-
-
-TASTE_STD = 1.0 / np.sqrt(TASTE_DIM)
-"""Per-dimension standard deviation of the shopper tastes around their mean."""
 
 
 def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
@@ -279,9 +279,7 @@ def _draw_names(
     return names.tolist(), token_vector
 
 
-def _draw_assortments(
-    num_stores: int, pop_z: np.ndarray, store_city: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _draw_assortments(num_stores: int, pop_z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Draw the (S, P) bool assortment matrix; popular products are carried more often.
 
     Every product is carried by at least one store, so every product can be shown.

@@ -1,27 +1,50 @@
-"""Plain per-user implementation of the pretrain and finetune samples, for tests and benchmarks.
+"""Plain implementation of the prepare stage, for tests and benchmarks.
 
-This module loops over users and events in Python on purpose: it sorts the rows, walks each
-user's events with a `collections.deque(maxlen=max_history)` and finds each request's state with
-a linear scan. It is slow but easy to check by reading, and `cartformer.data.samples` must
-produce exactly the same frames and counts. It shares only the output schemas with that module.
+The sample builders loop over users and events in Python on purpose: they sort the rows, walk
+each user's events with a `collections.deque(maxlen=max_history)` and find each request's state
+with a linear scan. They are slow but easy to check by reading, and `cartformer.data.samples`
+must produce exactly the same frames and counts. They share only the output schemas with that
+module.
+
+`prepare_reference` runs the whole stage the way a notebook written from the ARGUS homework
+would: an eager read of the whole file, id mappings from sorted Python lists applied with
+`replace_strict`, the split and request groups as eager `group_by().agg()` calls with
+`Expr.mode`, then the per-user sample builders. It writes the same tables and mappings as
+`cartformer.data.prepare.prepare`, and `benchmarks/bench_prepare.py` times the two against
+each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
+import logging
 import operator
 from collections import deque
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from cartformer.config import DataConfig
-from cartformer.data.samples import FINETUNE_SCHEMA, PRETRAIN_SCHEMA, SampleFrames
-from cartformer.data.split import SplitBoundaries
+from cartformer.config import DAY_SECONDS, DataConfig
+from cartformer.data.encoding import NO_SURFACE
+from cartformer.data.samples import (
+    FINETUNE_SCHEMA,
+    PRETRAIN_SCHEMA,
+    SampleFrames,
+    draw_request_lags,
+)
+from cartformer.data.schema import ACTION_CODES, CART, REQUIRED_COLUMNS, VIEW
+from cartformer.data.split import SplitBoundaries, SplitResult
+
+logger = logging.getLogger(__name__)
 
 Row = dict[str, Any]
+# Raw id or surface value -> dense index (1..n), as the prepare stage numbers them.
+Mapping = dict[Any, int]
 
 
 def build_pretrain_samples_reference(
@@ -83,6 +106,248 @@ def build_finetune_samples_reference(
         counts,
     )
     return SampleFrames(train, valid, counts)
+
+
+def prepare_reference(
+    data_path: str | Path, prepared_dir: str | Path, cfg: DataConfig
+) -> dict[str, Any]:
+    """Prepare `data_path` the plain way and write the tables that `prepare` writes.
+
+    Writes `mappings/{user,product,source}.parquet` and the six tables of the prepared
+    directory, which equal those of `cartformer.data.prepare.prepare` for the same input and
+    config. All counts go to `reference_meta.json` as one dict, with no split into kept and
+    dropped counts. The directory gets no `meta.json`, so the training stages do not accept it.
+    The input is not validated: it must pass `cartformer.data.schema.validate_events`.
+    Returns the content of `reference_meta.json`.
+    """
+    data_path = Path(data_path)
+    prepared_dir = Path(prepared_dir)
+    frame = read_events_reference(data_path)
+    rows_read = frame.height
+    mappings = fit_mappings_reference(frame)
+    encoded = encode_events_reference(frame, mappings)
+    del frame
+
+    result = split_events_reference(encoded, mappings["source"], cfg)
+    t_min = int(encoded["timestamp"].min())
+    del encoded
+
+    events, requests, boundaries = result.events, result.requests, result.boundaries
+    pretrain = build_pretrain_samples_reference(events, boundaries, cfg)
+    num_train_requests = requests.filter(pl.col("split") == "train").height
+    lags = draw_request_lags(num_train_requests, cfg, cfg.seed)
+    finetune = build_finetune_samples_reference(events, requests, boundaries, cfg, lags)
+
+    (prepared_dir / "mappings").mkdir(parents=True, exist_ok=True)
+    for name, mapping in mappings.items():
+        _mapping_table(name, mapping).write_parquet(prepared_dir / "mappings" / f"{name}.parquet")
+    tables = {
+        "events": events,
+        "requests": requests,
+        "pretrain_train": pretrain.train,
+        "pretrain_valid": pretrain.valid,
+        "finetune_train": finetune.train,
+        "finetune_valid": finetune.valid,
+    }
+    for name, table in tables.items():
+        table.write_parquet(prepared_dir / f"{name}.parquet")
+
+    meta = {
+        "data_path": str(data_path),
+        "config": dataclasses.asdict(cfg),
+        "split": {"t_min": t_min, **boundaries.to_dict()},
+        "vocab_sizes": {name: len(mapping) + 1 for name, mapping in mappings.items()},
+        "counts": {
+            "rows_read": rows_read,
+            **result.counts,
+            **pretrain.counts,
+            **finetune.counts,
+        },
+    }
+    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+    (prepared_dir / "reference_meta.json").write_text(text)
+    logger.info("prepared %s with the reference path", prepared_dir)
+    return json.loads(text)
+
+
+def read_events_reference(data_path: str | Path) -> pl.DataFrame:
+    """Read the whole parquet file eagerly, then keep the six required columns.
+
+    Raises FileNotFoundError for a missing file and ValueError for missing columns.
+    """
+    data_path = Path(data_path)
+    if not data_path.is_file():
+        raise FileNotFoundError(f"input file {data_path} not found; pass a Lavka train.parquet")
+    frame = pl.read_parquet(data_path)
+    missing = [name for name in REQUIRED_COLUMNS if name not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"missing required column(s) {missing} in {data_path}; "
+            f"add them in the Lavka train.parquet schema"
+        )
+    return frame.select(REQUIRED_COLUMNS)
+
+
+def fit_mappings_reference(frame: pl.DataFrame) -> dict[str, Mapping]:
+    """Number the sorted distinct users, products and surfaces from 1, in Python dicts.
+
+    `frame` has the raw columns `user_id`, `product_id` (integers) and `source_type` (strings,
+    where null becomes `NO_SURFACE`). Returns the dicts under "user", "product" and "source".
+    """
+    columns = {
+        "user": frame["user_id"].cast(pl.UInt64),
+        "product": frame["product_id"].cast(pl.UInt64),
+        "source": frame["source_type"].cast(pl.String).fill_null(NO_SURFACE),
+    }
+    mappings: dict[str, Mapping] = {}
+    for name, values in columns.items():
+        distinct = sorted(values.unique().to_list())
+        mappings[name] = {value: index for index, value in enumerate(distinct, start=1)}
+        logger.info("%s mapping: %d values", name, len(distinct))
+    return mappings
+
+
+def encode_events_reference(frame: pl.DataFrame, mappings: dict[str, Mapping]) -> pl.DataFrame:
+    """Replace raw ids, surfaces and action names by their codes with `Expr.replace_strict`.
+
+    Returns the columns of `cartformer.data.split.encode_events`: `user`, `product`, `source`
+    (i32), `action` (i8), `timestamp` (i64) and `request_id` (u64, nullable), shape (rows, 6).
+    """
+    return frame.select(
+        pl.col("user_id")
+        .cast(pl.UInt64)
+        .replace_strict(mappings["user"], return_dtype=pl.Int32)
+        .alias("user"),
+        pl.col("product_id")
+        .cast(pl.UInt64)
+        .replace_strict(mappings["product"], return_dtype=pl.Int32)
+        .alias("product"),
+        pl.col("source_type")
+        .cast(pl.String)
+        .fill_null(NO_SURFACE)
+        .replace_strict(mappings["source"], return_dtype=pl.Int32)
+        .alias("source"),
+        pl.col("action_type")
+        .cast(pl.String)
+        .replace_strict(ACTION_CODES, return_dtype=pl.Int8)
+        .alias("action"),
+        pl.col("timestamp").cast(pl.Int64),
+        pl.col("request_id").cast(pl.UInt64),
+    )
+
+
+def split_events_reference(
+    encoded: pl.DataFrame, source_mapping: Mapping, cfg: DataConfig
+) -> SplitResult:
+    """Compute what `split.split_events` computes, with eager `group_by().agg()` and `mode`.
+
+    `encoded` has the columns of `encode_events_reference`. The request rules are those of
+    `split.build_requests`: view and cart rows with a request on a surface outside
+    `cfg.excluded_surfaces`, grouped by (user, request_id, product), then by (user,
+    request_id), with the most common surface, ties going to the smallest index.
+    """
+    valid_end = int(encoded["timestamp"].max())
+    valid_start = valid_end - round(cfg.valid_days * DAY_SECONDS)
+    train_end = valid_start - round(cfg.gap_days * DAY_SECONDS)
+    boundaries = SplitBoundaries(train_end=train_end, valid_start=valid_start, valid_end=valid_end)
+
+    events = (
+        encoded.filter(pl.col("action") != VIEW)
+        .select("user", "product", "source", "action", "timestamp")
+        .sort(["user", "timestamp", "action", "product", "source"])
+    )
+    train_history = events.filter(pl.col("timestamp") <= train_end).height
+    requests, request_counts = _requests_reference(encoded, boundaries, source_mapping, cfg)
+    counts = {
+        "positive_events": events.height,
+        "positive_events_train": train_history,
+        "positive_events_after_train_end": events.height - train_history,
+        **request_counts,
+    }
+    logger.info("reference split counts: %s", counts)
+    return SplitResult(boundaries=boundaries, events=events, requests=requests, counts=counts)
+
+
+def _requests_reference(
+    encoded: pl.DataFrame, boundaries: SplitBoundaries, source_mapping: Mapping, cfg: DataConfig
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    view_or_cart = encoded.filter(pl.col("action").is_in([VIEW, CART]))
+    with_request = view_or_cart.filter(pl.col("request_id").is_not_null())
+    excluded = [source_mapping[name] for name in cfg.excluded_surfaces if name in source_mapping]
+    on_excluded = pl.col("source").is_in(pl.Series(excluded, dtype=pl.Int32))
+    rows = with_request.filter(~on_excluded)
+
+    groups = rows.group_by("user", "request_id", "product").agg(
+        pl.col("action").max(),
+        pl.col("timestamp").min(),
+        pl.col("source").mode().min(),
+    )
+    # Rows inside a group keep the frame order, so sorting first orders each candidate list.
+    candidates = (
+        groups.sort("product")
+        .group_by("user", "request_id")
+        .agg(
+            pl.col("timestamp").min(),
+            pl.col("source").mode().min(),
+            pl.col("product"),
+            pl.col("action").alias("target"),
+            pl.len().alias("size"),
+            pl.col("action").max().alias("max_action"),
+            pl.col("action").min().alias("min_action"),
+        )
+    )
+
+    too_small = pl.col("size") < cfg.min_request_size
+    has_cart = pl.col("max_action") == CART
+    has_view = pl.col("min_action") == VIEW
+    shared = candidates["request_id"].value_counts().filter(pl.col("count") > 1).height
+    split_name = (
+        pl.when(pl.col("timestamp") <= boundaries.train_end)
+        .then(pl.lit("train"))
+        .when(
+            (pl.col("timestamp") > boundaries.valid_start)
+            & (pl.col("timestamp") <= boundaries.valid_end)
+        )
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("none"))
+    )
+    requests = (
+        candidates.filter(~too_small & has_cart & has_view)
+        .select(
+            "user",
+            "request_id",
+            "timestamp",
+            "source",
+            pl.col("product").cast(pl.List(pl.Int32)),
+            pl.col("target").cast(pl.List(pl.Int8)),
+            split_name.alias("split"),
+        )
+        .sort(["user", "timestamp", "request_id"])
+    )
+    counts = {
+        "rows_view_cart_without_request": view_or_cart.height - with_request.height,
+        "rows_view_cart_excluded_surface": with_request.height - rows.height,
+        "request_candidates": candidates.height,
+        "requests_too_small": candidates.filter(too_small).height,
+        "requests_without_cart": candidates.filter(~too_small & ~has_cart).height,
+        "requests_without_view": candidates.filter(~too_small & has_cart & ~has_view).height,
+        "request_ids_shared_by_users": shared,
+        **{
+            f"requests_{name}": requests.filter(pl.col("split") == name).height
+            for name in ("train", "valid", "none")
+        },
+    }
+    return requests, counts
+
+
+def _mapping_table(name: str, mapping: Mapping) -> pl.DataFrame:
+    """Return the mapping as the two-column table of `IdMapping.save`, shape (len(mapping), 2)."""
+    if name == "source":
+        keys = pl.Series("value", list(mapping), dtype=pl.String)
+    else:
+        keys = pl.Series("raw_id", list(mapping), dtype=pl.UInt64)
+    indices = pl.Series("index", list(mapping.values()), dtype=pl.Int32)
+    return pl.DataFrame([keys, indices])
 
 
 def _sorted_events(events: pl.DataFrame) -> list[Row]:
