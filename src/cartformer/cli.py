@@ -148,6 +148,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-heads", type=int, help="attention heads per layer")
     group.add_argument("--num-layers", type=int, help="transformer layers")
     group.add_argument("--dropout", type=float, help="dropout probability")
+    group.add_argument(
+        "--history-match",
+        action=argparse.BooleanOptionalAction,
+        help="add finetune logit offsets for how often and how recently the shopper had the "
+        "candidate (default on; --no-history-match gives the plain method)",
+    )
     _add_device(parser)
 
 
@@ -192,6 +198,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         cfg.model.max_seq_len = args.max_history
     _set(cfg.model, args, embedding_dim="embedding_dim", num_heads="num_heads")
     _set(cfg.model, args, num_layers="num_layers", dropout="dropout")
+    _set(cfg.model, args, history_match="history_match")
 
     if args.command == "run":
         stages = {"pretrain_": cfg.pretrain, "finetune_": cfg.finetune}

@@ -43,6 +43,7 @@ class ModelConfig:
     min_temperature: float = 0.01
     max_temperature: float = 100.0
     feedback_loss_weight: float = 10.0
+    history_match: bool = True  # finetune logit offsets for the candidate's count in the history
 
 
 @dataclass

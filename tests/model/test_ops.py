@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cartformer.model.ops import (
+    history_matches,
     lengths_to_mask,
     make_groups,
     make_pairs,
@@ -133,3 +134,36 @@ def test_pairs_cover_each_group_square(lengths):
     first, second = make_pairs(torch.tensor(lengths, dtype=torch.int64))
     groups = make_groups(torch.tensor(lengths, dtype=torch.int64))
     assert torch.equal(groups[first], groups[second])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_history_matches_equal_brute_force(data):
+    lengths = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=5))
+    num_products = data.draw(st.integers(1, 6))
+    products = data.draw(
+        st.lists(st.integers(0, num_products - 1), min_size=sum(lengths), max_size=sum(lengths))
+    )
+    num_candidates = data.draw(st.integers(0, 15))
+    samples = data.draw(
+        st.lists(st.integers(0, len(lengths) - 1), min_size=num_candidates, max_size=num_candidates)
+    )
+    candidates, states = [], []
+    for sample in samples:
+        candidates.append(data.draw(st.integers(0, num_products - 1)))
+        states.append(data.draw(st.integers(0, lengths[sample] - 1)))
+
+    count, since = history_matches(
+        torch.tensor(products),
+        torch.tensor(lengths),
+        torch.tensor(candidates, dtype=torch.long),
+        torch.tensor(samples, dtype=torch.long),
+        torch.tensor(states, dtype=torch.long),
+        num_products,
+    )
+
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    for i, (sample, product, state) in enumerate(zip(samples, candidates, states, strict=True)):
+        seen = [pos for pos in range(state + 1) if products[starts[sample] + pos] == product]
+        assert count[i] == len(seen)
+        assert since[i] == (state - seen[-1] if seen else -1)

@@ -44,13 +44,13 @@ TASTE_TIMESCALE_DAYS = 90.0
 # Cart logit terms. The taste score of a product is its category preference plus the dot
 # product of the shopper's taste with the product's vector.
 CATEGORY_TASTE_WEIGHT = 0.6
-CART_INTERCEPT = -5.2
-TASTE_WEIGHT = 1.0
+CART_INTERCEPT = -5.6
+TASTE_WEIGHT = 1.3
 POPULARITY_WEIGHT = 0.3
-IDIOSYNCRATIC_STD = 0.4
+IDIOSYNCRATIC_STD = 0.2
 POSITION_WEIGHT = 0.4
 REQUEST_INTENT_STD = 0.6
-HABIT_WEIGHT = 0.25
+HABIT_WEIGHT = 0.1
 CYCLE_KNOTS = np.array([0.0, 0.25, 0.6, 1.0, 1.6, 3.0, 6.0, 12.0])
 """Days since the last purchase divided by the product's cycle."""
 CYCLE_EFFECT = np.array([-3.0, -2.0, -0.8, 0.3, 0.6, 0.3, 0.0, -0.3])

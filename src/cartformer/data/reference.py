@@ -274,7 +274,7 @@ def _requests_reference(
     view_or_cart = encoded.filter(pl.col("action").is_in([VIEW, CART]))
     with_request = view_or_cart.filter(pl.col("request_id").is_not_null())
     excluded = [source_mapping[name] for name in cfg.excluded_surfaces if name in source_mapping]
-    on_excluded = pl.col("source").is_in(pl.Series(excluded, dtype=pl.Int32))
+    on_excluded = pl.col("source").is_in(excluded)
     rows = with_request.filter(~on_excluded)
 
     groups = rows.group_by("user", "request_id", "product").agg(

@@ -14,10 +14,21 @@ from cartformer.config import ModelConfig
 from cartformer.model.backbone import Backbone
 from cartformer.model.layers import residual_mlp
 from cartformer.model.losses import calibrated_pairwise_logistic
-from cartformer.model.ops import make_groups, sequence_offsets
+from cartformer.model.ops import history_matches, make_groups, sequence_offsets
 from cartformer.model.pretrain import PretrainModel
 
 PretrainInit = Literal["backbone", "backbone+heads"]
+
+NUM_COUNT_BUCKETS = 9
+"""Buckets of a candidate's count in the history: 0, 1, 2-3, 4-7, ..., 128 and more."""
+NUM_RECENCY_BUCKETS = 11
+"""Bucket 0: never in the history; then events since its latest occurrence: 0, 1-2, 3-6, ..."""
+
+
+def log2_buckets(values: Tensor, num_buckets: int) -> Tensor:
+    """Map (K,) non-negative int64 to floor(log2(v + 1)) capped at num_buckets - 1."""
+    buckets = torch.floor(torch.log2(values.clamp(min=0).double() + 1)).long()
+    return buckets.clamp(max=num_buckets - 1)
 
 
 class FinetuneModel(nn.Module):
@@ -27,6 +38,13 @@ class FinetuneModel(nn.Module):
     and the request's surface context. With u = normalize(user_context_fusion([h_k, c_r])) and
     v = normalize(candidate_projector(i)) for a candidate product i, the logit is
     <u, v> / exp(scale) + bias.
+
+    With `config.history_match` (the default) the logit also gets two learned offsets: one per
+    log2 bucket of how many times the candidate occurs in the user's history up to h_k, and one
+    per log2 bucket of how many events ago it last occurred. The plain method scores from the
+    single vector u, which cannot hold every product a shopper rebuys, and lost to the
+    shopper's own-count baseline on the demo data; the offsets give the ranking head that
+    signal directly. `history_match=False` gives the plain method.
 
     The fusion and projector heads have the same shapes as in `PretrainModel`, so
     `from_pretrain` can copy them.
@@ -47,6 +65,13 @@ class FinetuneModel(nn.Module):
         self.candidate_projector = residual_mlp(dim)
         self.scale = nn.Parameter(torch.zeros(1))
         self.bias = nn.Parameter(torch.zeros(1))
+        if config.history_match:
+            # One learned logit offset per bucket, zero at the start so training begins from
+            # the plain calibrated logit.
+            self.match_count_logit = nn.Embedding(NUM_COUNT_BUCKETS, 1)
+            self.match_recency_logit = nn.Embedding(NUM_RECENCY_BUCKETS, 1)
+            nn.init.zeros_(self.match_count_logit.weight)
+            nn.init.zeros_(self.match_recency_logit.weight)
 
     @classmethod
     def from_pretrain(
@@ -102,7 +127,44 @@ class FinetuneModel(nn.Module):
         users = torch.repeat_interleave(users, request_lengths, dim=0, output_size=total)
         items = F.normalize(self.candidate_projector(self.backbone.encode_items(products)), dim=-1)
         similarities = (users * items).sum(dim=-1)
-        return similarities / torch.exp(self.scale) + self.bias
+        logits = similarities / torch.exp(self.scale) + self.bias
+        if self.config.history_match:
+            logits = logits + self._history_match_logits(history, requests, products, total)
+        return logits
+
+    def _history_match_logits(
+        self,
+        history: Mapping[str, Tensor],
+        requests: Mapping[str, Tensor],
+        products: Tensor,
+        total: int,
+    ) -> Tensor:
+        """(C,) learned offsets for how often and how recently the user had each candidate,
+        counting only history events up to the scoring state, so no later event leaks in."""
+        request_sample = make_groups(requests["num_requests"])
+        candidate_sample = torch.repeat_interleave(
+            request_sample, requests["lengths"], output_size=total
+        )
+        candidate_state = torch.repeat_interleave(
+            requests["state_index"], requests["lengths"], output_size=total
+        )
+        count, events_since = history_matches(
+            history["product"],
+            history["lengths"],
+            products,
+            candidate_sample,
+            candidate_state,
+            self.config.num_products,
+        )
+        count_bucket = log2_buckets(count, NUM_COUNT_BUCKETS)
+        recency_bucket = torch.where(
+            events_since < 0,
+            torch.zeros_like(events_since),
+            1 + log2_buckets(events_since, NUM_RECENCY_BUCKETS - 1),
+        )
+        return self.match_count_logit(count_bucket).squeeze(-1) + self.match_recency_logit(
+            recency_bucket
+        ).squeeze(-1)
 
     def forward(self, batch: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """Score a batch and compute the loss against `candidates.target` (C,).

@@ -130,3 +130,42 @@ def unpad(padded: Tensor, lengths: Tensor) -> Tensor:
     if padded.shape[0] != mask.shape[0]:
         raise ValueError(f"padded has {padded.shape[0]} sequences but lengths has {mask.shape[0]}")
     return padded[mask]
+
+
+def history_matches(
+    history_product: Tensor,
+    lengths: Tensor,
+    candidate_product: Tensor,
+    candidate_sample: Tensor,
+    candidate_state: Tensor,
+    num_products: int,
+) -> tuple[Tensor, Tensor]:
+    """Count each candidate's product in its user's history up to the scoring state.
+
+    Args:
+        history_product: (N,) product of every history event, sequences concatenated.
+        lengths: (B,) history length of each sample.
+        candidate_product: (C,) candidate products, each below `num_products`.
+        candidate_sample: (C,) sample that each candidate belongs to.
+        candidate_state: (C,) local history position of the state that scores the candidate;
+            only events at positions 0..state are counted.
+        num_products: upper bound of the product indices.
+
+    Returns:
+        count: (C,) int64 number of matching events.
+        events_since: (C,) int64 state position minus the position of the latest matching
+            event, or -1 where the count is 0.
+    """
+    max_len = int(lengths.max()) + 1 if lengths.numel() else 1
+    sample = make_groups(lengths)
+    position = torch.arange(
+        history_product.shape[0], device=lengths.device
+    ) - torch.repeat_interleave(sequence_offsets(lengths), lengths)
+    keys, _ = torch.sort((sample * num_products + history_product) * max_len + position)
+    base = (candidate_sample * num_products + candidate_product) * max_len
+    upper = torch.searchsorted(keys, base + candidate_state, right=True)
+    lower = torch.searchsorted(keys, base, right=False)
+    count = upper - lower
+    latest = keys[(upper - 1).clamp(min=0)] % max_len if keys.numel() else upper
+    events_since = torch.where(count > 0, candidate_state - latest, torch.full_like(count, -1))
+    return count, events_since
