@@ -176,3 +176,38 @@ def test_rejects_candidate_count_mismatch():
     batch["requests"]["lengths"] = torch.tensor([3, 2, 3])
     with pytest.raises(ValueError, match="candidates.product"):
         FinetuneModel(Backbone(make_config()))(batch)
+
+
+def history_match_offsets(state_index: int) -> torch.Tensor:
+    """Logit change from the history-match offsets on the spec sample at a given state."""
+    torch.manual_seed(0)
+    model = FinetuneModel(Backbone(make_config())).eval()
+    with torch.no_grad():
+        model.match_count_logit.weight.copy_(torch.arange(9.0)[:, None])
+        model.match_recency_logit.weight.copy_(100 * torch.arange(11.0)[:, None])
+    batch = spec_sample()
+    batch["requests"]["state_index"] = torch.tensor([state_index])
+    with torch.no_grad():
+        with_offsets = model.score(batch)
+        model.config.history_match = False
+        plain = model.score(batch)
+    return with_offsets - plain
+
+
+def test_history_match_ignores_events_after_state():
+    offsets = history_match_offsets(state_index=1)
+    assert torch.allclose(offsets, torch.zeros(15))
+
+
+def test_history_match_counts_up_to_state():
+    offsets = history_match_offsets(state_index=4)
+    # Product 10396 occurs 3 times up to position 4 (count bucket 2) and last at position 4,
+    # 0 events ago (recency bucket 1).
+    assert torch.isclose(offsets[14], torch.tensor(2.0 + 100.0))
+    assert torch.allclose(offsets[:14], torch.zeros(14))
+
+
+def test_plain_method_has_no_match_parameters():
+    model = FinetuneModel(Backbone(make_config(history_match=False)))
+    names = [name for name, _ in model.named_parameters()]
+    assert not any(name.startswith("match_") for name in names)
