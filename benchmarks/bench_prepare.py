@@ -1,25 +1,44 @@
-"""Time the prepare stage with the vectorized samples and with the per-user reference samples.
+"""Time the prepare stage against plain reference implementations and compare their output.
 
 Usage:
-    python benchmarks/bench_prepare.py DATA.parquet [--reference] [--make random|demo]
+    python benchmarks/bench_prepare.py DATA.parquet [--reference] [--reference-mode spec]
+        [--repeat 1] [--json RESULTS.json] [--make random|demo]
 
-Each mode runs `cartformer.data.prepare.prepare` end to end (read, validate, encode, split,
-samples, write) in its own subprocess, which reports its wall time and its peak resident set
-size from `resource.getrusage(RUSAGE_SELF).ru_maxrss`. With `--reference` both modes run and
-the script checks that they wrote identical tables and counts. `--make` first writes DATA: a
-random Lavka-schema file (`--rows`, default 1.5M) or the demo generator's "small" data set.
+Modes, each run in its own subprocess:
+
+- `vectorized`: `cartformer.data.prepare.prepare` end to end (lazy read of the six needed
+  columns, validation, encoding with joins, split, vectorized samples, write).
+- `spec` (reference, the default with `--reference`): `cartformer.data.reference.prepare_reference`,
+  the whole stage written the way the ARGUS homework notebook suggests. It reads the whole file
+  eagerly, builds the id mappings from sorted Python lists, splits with eager `group_by().agg()`
+  and builds the samples in a per-user Python loop. It does not validate the input.
+- `samples` (reference): `prepare(..., sample_builder="reference")`, which shares the reading,
+  validation, encoding and split of `vectorized` and builds only the samples per user.
+
+Each worker reports its wall time and its peak resident set size from
+`resource.getrusage(RUSAGE_SELF).ru_maxrss`. The script prints the 1-minute load average
+(`os.getloadavg`) before and after each run, because other processes on the machine slow the
+runs down. With `--repeat N` the modes run N times, interleaved, and the summary takes the
+fastest wall time of each mode. After the first round the script checks that every reference
+wrote the same tables, mappings, split boundaries, vocabulary sizes and counts as `vectorized`.
+`--make` first writes DATA: a random Lavka-schema file (`--rows`, default 1.5M) or the demo
+generator's "small" data set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -33,6 +52,7 @@ TABLES = (
     "finetune_train",
     "finetune_valid",
 )
+MAPPINGS = ("user", "product", "source")
 SURFACES = (
     "ST_Catalog",
     "ST_Search",
@@ -47,14 +67,31 @@ SURFACES = (
     "ST_Push",
     "ST_History",
 )
+MODES = ("vectorized", "spec", "samples")
+MODE_LABELS = {
+    "vectorized": "vectorized",
+    "spec": "reference (spec-style)",
+    "samples": "reference (shared reading)",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path, help="input parquet in the Lavka train.parquet schema")
     parser.add_argument(
-        "--reference", action="store_true", help="also run the reference samples and compare"
+        "--reference", action="store_true", help="also run the reference mode(s) and compare"
     )
+    parser.add_argument(
+        "--reference-mode",
+        choices=("spec", "samples", "both"),
+        default="spec",
+        help="reference to run with --reference: the spec-style whole stage (default), the "
+        "per-user samples on the shared reading, or both",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="number of runs of each mode (default 1)"
+    )
+    parser.add_argument("--json", type=Path, help="write every run and the summary to this file")
     parser.add_argument(
         "--make", choices=("random", "demo"), help="write DATA first: random rows or demo 'small'"
     )
@@ -65,7 +102,7 @@ def main() -> None:
         help="approximate number of rows that --make random writes",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for --make")
-    parser.add_argument("--worker", choices=("vectorized", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -76,6 +113,8 @@ def main() -> None:
     if args.make_only:
         make_input(args.data, args.make, args.rows, args.seed)
         return
+    if args.repeat < 1:
+        sys.exit(f"--repeat is {args.repeat}; pass 1 or more")
     if args.make:
         # A child inherits its parent's peak RSS across fork and exec on Linux, so the large
         # arrays of the generator must live in a process that is not the workers' parent.
@@ -86,39 +125,100 @@ def main() -> None:
         sys.exit(f"input file {args.data} not found; pass --make random to create one")
 
     rows = pl.scan_parquet(args.data).select(pl.len()).collect().item()
-    print(f"input: {args.data} ({rows} rows, {args.data.stat().st_size / 2**20:.1f} MiB)")
-    modes = ["vectorized", "reference"] if args.reference else ["vectorized"]
+    size_mib = args.data.stat().st_size / 2**20
+    print(f"input: {args.data} ({rows} rows, {size_mib:.1f} MiB)")
+    modes = ["vectorized"]
+    if args.reference:
+        modes += ["spec", "samples"] if args.reference_mode == "both" else [args.reference_mode]
+
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
-        results = {mode: run_mode(args.data, Path(scratch) / mode, mode) for mode in modes}
-        for mode, result in results.items():
-            print(
-                f"{mode:>10}: wall {result['wall_s']:8.2f} s, peak RSS "
-                f"{result['max_rss_mib']:7.0f} MiB (after imports {result['import_rss_mib']:.0f})"
-            )
-        if args.reference:
-            compare_outputs(Path(scratch) / "vectorized", Path(scratch) / "reference")
-            speedup = results["reference"]["wall_s"] / results["vectorized"]["wall_s"]
-            print(f"outputs identical; vectorized is {speedup:.1f}x faster end to end")
+        for round_index in range(args.repeat):
+            for mode in modes:
+                out = Path(scratch) / mode
+                result = {"mode": mode, "round": round_index, **run_mode(args.data, out, mode)}
+                runs.append(result)
+                print(format_run(result), flush=True)
+            if round_index == 0:
+                for mode in modes[1:]:
+                    compare_outputs(Path(scratch) / "vectorized", Path(scratch) / mode)
+                    print(f"{MODE_LABELS[mode]}: output identical to vectorized")
+            for mode in modes:
+                shutil.rmtree(Path(scratch) / mode, ignore_errors=True)
+
+    summary = summarize(runs, modes)
+    print_summary(summary, modes)
+    if args.json:
+        record = {"input": str(args.data), "rows": rows, "size_mib": size_mib}
+        record |= {"runs": runs, "summary": summary}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 def run_mode(data: Path, out: Path, mode: str) -> dict[str, float]:
+    """Run one worker in a subprocess and return its timing with the load averages around it."""
     command = [sys.executable, __file__, str(data), "--worker", mode, "--out", str(out)]
+    load_before = os.getloadavg()[0]
     completed = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    load_after = os.getloadavg()[0]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {**result, "load_before": load_before, "load_after": load_after}
 
 
 def run_worker(data: Path, out: Path, mode: str) -> None:
     """Run one prepare and print its timing as the last stdout line, in JSON."""
     from cartformer.config import DataConfig
     from cartformer.data.prepare import prepare
+    from cartformer.data.reference import prepare_reference
 
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    prepare(data, out, DataConfig(), sample_builder=mode)
+    if mode == "spec":
+        prepare_reference(data, out, DataConfig())
+    else:
+        builder = "reference" if mode == "samples" else "vectorized"
+        prepare(data, out, DataConfig(), sample_builder=builder)
     wall = time.perf_counter() - started
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     result = {"wall_s": wall, "max_rss_mib": max_rss / 1024, "import_rss_mib": import_rss / 1024}
     print(json.dumps(result))
+
+
+def format_run(run: dict[str, Any]) -> str:
+    return (
+        f"{MODE_LABELS[run['mode']]:>26} (round {run['round'] + 1}): wall {run['wall_s']:8.2f} s, "
+        f"peak RSS {run['max_rss_mib']:7.0f} MiB (after imports {run['import_rss_mib']:.0f}), "
+        f"load {run['load_before']:.2f} -> {run['load_after']:.2f}"
+    )
+
+
+def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    """Return per mode the fastest and median wall time and the largest peak RSS."""
+    summary: dict[str, Any] = {}
+    for mode in modes:
+        walls = [run["wall_s"] for run in runs if run["mode"] == mode]
+        summary[mode] = {
+            "min_wall_s": min(walls),
+            "median_wall_s": statistics.median(walls),
+            "max_rss_mib": max(run["max_rss_mib"] for run in runs if run["mode"] == mode),
+        }
+    for mode in modes[1:]:
+        ratio = summary[mode]["min_wall_s"] / summary["vectorized"]["min_wall_s"]
+        summary[mode]["speedup_of_vectorized"] = ratio
+    return summary
+
+
+def print_summary(summary: dict[str, Any], modes: list[str]) -> None:
+    print("summary (fastest wall time, largest peak RSS):")
+    for mode in modes:
+        entry = summary[mode]
+        line = (
+            f"{MODE_LABELS[mode]:>26}: wall {entry['min_wall_s']:8.2f} s "
+            f"(median {entry['median_wall_s']:.2f}), peak RSS {entry['max_rss_mib']:7.0f} MiB"
+        )
+        if mode != "vectorized":
+            line += f", vectorized is {entry['speedup_of_vectorized']:.1f}x faster"
+        print(line)
 
 
 def make_input(path: Path, kind: str, rows: int, seed: int) -> None:
@@ -132,15 +232,30 @@ def make_input(path: Path, kind: str, rows: int, seed: int) -> None:
     print(f"wrote the demo data set 'small' to {path}")
 
 
-def compare_outputs(left: Path, right: Path) -> None:
-    for name in TABLES:
-        left_table = pl.read_parquet(left / f"{name}.parquet")
-        right_table = pl.read_parquet(right / f"{name}.parquet")
-        assert left_table.equals(right_table), f"{name}.parquet differs between the two modes"
-    meta_a = json.loads((left / "meta.json").read_text())
-    meta_b = json.loads((right / "meta.json").read_text())
-    assert meta_a["counts"] == meta_b["counts"], "meta.json counts differ"
-    assert meta_a["dropped"] == meta_b["dropped"], "meta.json dropped counts differ"
+def compare_outputs(expected: Path, actual: Path) -> None:
+    """Raise AssertionError unless `actual` holds the tables, mappings and counts of `expected`.
+
+    `expected` is a directory written by `prepare`. `actual` is one written by `prepare` or by
+    `prepare_reference`, whose `reference_meta.json` stores all counts in one dict.
+    """
+    names = [*TABLES, *(f"mappings/{name}" for name in MAPPINGS)]
+    for name in names:
+        expected_table = pl.read_parquet(expected / f"{name}.parquet")
+        actual_table = pl.read_parquet(actual / f"{name}.parquet")
+        # DataFrame.equals compares values only, so the dtypes are checked on their own.
+        assert expected_table.schema == actual_table.schema, f"{name}.parquet dtypes differ"
+        assert expected_table.equals(actual_table), f"{name}.parquet differs from vectorized"
+    meta = json.loads((expected / "meta.json").read_text())
+    reference_meta = actual / "reference_meta.json"
+    if reference_meta.is_file():
+        other = json.loads(reference_meta.read_text())
+        other_counts = other["counts"]
+    else:
+        other = json.loads((actual / "meta.json").read_text())
+        other_counts = {**other["counts"], **other["dropped"]}
+    assert {**meta["counts"], **meta["dropped"]} == other_counts, "meta.json counts differ"
+    assert meta["split"] == other["split"], "split boundaries differ"
+    assert meta["vocab_sizes"] == other["vocab_sizes"], "vocabulary sizes differ"
 
 
 def write_random_file(path: Path, rows: int, seed: int) -> None:

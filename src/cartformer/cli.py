@@ -24,8 +24,8 @@ DEMO_DATA_FILE = "demo/train.parquet"
 
 # Training lengths for `run` on generated demo data when no epoch option is given: they keep the
 # whole demo within about ten minutes on two CPU cores. Real data uses the config defaults.
-DEMO_PRETRAIN_EPOCHS = 8
-DEMO_FINETUNE_EPOCHS = 6
+DEMO_PRETRAIN_EPOCHS = 10
+DEMO_FINETUNE_EPOCHS = 12
 DEMO_PATIENCE = 3
 
 
