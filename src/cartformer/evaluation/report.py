@@ -176,6 +176,20 @@ def render_report(
     lines += [f"- {sentence}" for sentence in conclusion(results)]
 
     lines += ["", "## Training", ""]
+    history_match = config.get("model", {}).get("history_match", False)
+    lines.append(
+        "- Finetune head: calibrated logit <u, v> / exp(s) + b"
+        + (
+            " plus learned offsets for the candidate's count and recency in the shopper's "
+            "history up to the scoring state (`history_match`)."
+            if history_match
+            else " only (the plain method, `history_match` off)."
+        )
+    )
+    lines.append(
+        "- Each finetune variant keeps the epoch with the best NDCG@10 on these same validation "
+        "requests, so its figure is slightly optimistic; the baselines have no such choice."
+    )
     if pretrain_history:
         best = min(pretrain_history, key=lambda r: r["valid_loss"])
         lines.append(
