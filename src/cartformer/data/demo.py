@@ -3,7 +3,7 @@
 The real competition file cannot be shipped, so cartformer generates events with the same 12
 columns and dtypes. Shoppers have latent tastes that drift over time, repeat purchases follow
 product-specific cycles, and each surface fills its lists in its own way. The generator records
-the true cart probability of every shown (request, product) pair; ranking by it is the best any
+the true cart probability of every shown (request, product) pair. Ranking by it is the best any
 model can do in expectation. docs/demo-data.md describes the stochastic model and its parameters.
 
 Example:
@@ -53,7 +53,7 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
     "timestamp": pl.Int64(),
     "user_id": pl.UInt64(),
 }
-"""Columns and dtypes of the generated events, in the order of the real `train.parquet`."""
+"""Columns and dtypes of the generated events: the real `train.parquet` columns, alphabetical."""
 
 ORACLE_SCHEMA: dict[str, pl.DataType] = {
     "request_id": pl.UInt64(),
@@ -62,6 +62,8 @@ ORACLE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 ORACLE_SUFFIX = ".oracle.parquet"
+WRITE_CHUNK_ROWS = 2_000_000
+"""Event rows per parquet row group in `write_demo`."""
 
 
 def generate_demo(size: str = "small", seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -70,7 +72,7 @@ def generate_demo(size: str = "small", seed: int = 0) -> tuple[pl.DataFrame, pl.
     Args:
         size: a key of DEMO_SIZES: "tiny" (unit tests), "small" (default) or "full" (the real
             file's shape: about 3.5k users, 26.5k products and 16.5M rows).
-        seed: seed of every random draw; the same seed gives identical frames.
+        seed: seed of every random draw. The same seed gives identical frames.
 
     Returns:
         (events, oracle). `events` has the columns and dtypes of EVENT_SCHEMA, rows in random
@@ -118,9 +120,6 @@ def write_demo(path: str | Path, size: str = "small", seed: int = 0) -> tuple[Pa
     _oracle_frame(demo).write_parquet(oracle_path)
     logger.info("wrote %s and %s", data_path, oracle_path)
     return data_path, oracle_path
-
-
-WRITE_CHUNK_ROWS = 2_000_000
 
 
 @dataclass

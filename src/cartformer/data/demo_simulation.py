@@ -244,7 +244,7 @@ def _simulate_day(
     pair_salt: np.uint64,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """Build, show and react to the lists of one day's R requests; return its rows."""
+    """Build, show and react to the lists of one day's R requests, and return its rows."""
     request_index = np.arange(len(requests.day))[selected]
     user = requests.user[selected]
     surface = requests.surface[selected]
@@ -464,7 +464,7 @@ def _pair_noise(user: np.ndarray, product: np.ndarray, salt: np.uint64) -> np.nd
 
 
 def splitmix64(values: np.ndarray) -> np.ndarray:
-    """Apply the SplitMix64 finalizer to (N,) uint64 values; arithmetic wraps modulo 2**64."""
+    """Apply the SplitMix64 finalizer to (N,) uint64 values. Arithmetic wraps modulo 2**64."""
     z = values + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)

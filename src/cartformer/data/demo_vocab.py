@@ -27,7 +27,7 @@ class Category:
     impulse: bool = False
     """Whether the checkout surface offers this category."""
     niche_share: float = 1.0
-    """Share of shoppers who buy this category at all (babies, pets); 1.0 for everyone."""
+    """Share of shoppers who buy this category at all (babies, pets), or 1.0 for everyone."""
 
 
 CATEGORIES: tuple[Category, ...] = (

@@ -47,7 +47,7 @@ DEMO_SIZES: dict[str, DemoSize] = {
         num_users=800, num_products=4000, num_stores=60, num_cities=12, sessions_per_day=0.1
     ),
     "full": DemoSize(
-        num_users=3550, num_products=26522, num_stores=627, num_cities=12, sessions_per_day=0.19
+        num_users=3550, num_products=26522, num_stores=627, num_cities=12, sessions_per_day=0.186
     ),
 }
 
@@ -66,7 +66,7 @@ class Surface:
     recent purchases, uniform over the store's assortment."""
     category_mode: str
     """Rule that picks the request category: "browse", "intent", "anchor", "complement",
-    "impulse" or "none" (no category source in the pool, so "browse" is used if needed)."""
+    "impulse" or "none" (the pool has no category source)."""
     rank_weights: tuple[float, float, float, float]
     """Weights of taste, popularity, purchased-before flag and Gumbel noise in the list order."""
     cart_offset: float
@@ -104,7 +104,7 @@ SURFACES: tuple[Surface, ...] = (
         "ST_Checkout", 0.04, 5, 12, (0.2, 0.8, 0.0, 0.0), "impulse", (0.0, 1.0, 0.0, 1.0), -0.3
     ),
 )
-"""The 12 surfaces. Only `ST_Catalog` is a name known from the real file; the others are
+"""The 12 surfaces. Only `ST_Catalog` is a name known from the real file, and the others are
 invented names of the same form."""
 
 
@@ -243,7 +243,7 @@ def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
 
 
 def _allocate_stores(num_stores: int, city_share: np.ndarray, rng: np.random.Generator):
-    """Return the (S,) city index of each store; every city gets at least one store."""
+    """Return the (S,) city index of each store. Every city gets at least one store."""
     counts = _largest_remainder(city_share, num_stores)
     return rng.permutation(np.repeat(np.arange(len(city_share)), counts))
 
@@ -251,7 +251,7 @@ def _allocate_stores(num_stores: int, city_share: np.ndarray, rng: np.random.Gen
 def _draw_names(
     product_category: np.ndarray, rng: np.random.Generator
 ) -> tuple[list[str], np.ndarray]:
-    """Build product names from category tokens; return them with (P, TASTE_DIM) token vectors.
+    """Build product names from category tokens and their (P, TASTE_DIM) token vectors.
 
     A name is "<noun> <descriptor> «<brand>», <pack>". The noun and brand each add a vector to
     the product's taste, so products that share those tokens are also close in taste.
@@ -280,7 +280,7 @@ def _draw_names(
 
 
 def _draw_assortments(num_stores: int, pop_z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw the (S, P) bool assortment matrix; popular products are carried more often.
+    """Draw the (S, P) bool assortment matrix, in which popular products are carried more often.
 
     Every product is carried by at least one store, so every product can be shown.
     """
