@@ -256,7 +256,9 @@ def build_finetune_model(cfg: RunConfig, variant: str) -> FinetuneModel:
         raise FileNotFoundError(
             f"{best} not found; variant {variant} needs `cartformer pretrain --out {layout.root}` first"
         )
-    pretrained = build_pretrain_model(cfg.model)
+    pretrain_config = stored_model_config(best)
+    pretrain_config.history_match = cfg.model.history_match
+    pretrained = build_pretrain_model(pretrain_config)
     checkpoint.load_weights(pretrained, best)
     init = "backbone" if variant == "pretrained-backbone" else "backbone+heads"
     return FinetuneModel.from_pretrain(pretrained, init=init)
@@ -298,10 +300,22 @@ def run_finetune(
 
 def load_finetuned(cfg: RunConfig, variant: str) -> FinetuneModel:
     """Load the best checkpoint of a finetune variant."""
-    layout = RunLayout(cfg.out_dir)
-    model = FinetuneModel(Backbone(cfg.model), cfg.model)
-    checkpoint.load_weights(model, layout.finetune(variant) / "best.safetensors")
+    path = RunLayout(cfg.out_dir).finetune(variant) / "best.safetensors"
+    model_config = stored_model_config(path)
+    model = FinetuneModel(Backbone(model_config), model_config)
+    checkpoint.load_weights(model, path)
     return model
+
+
+def stored_model_config(path: Path) -> ModelConfig:
+    """The model config saved in a checkpoint, so a model is rebuilt as it was trained even
+    when the run's config.json changed since."""
+    stored = checkpoint.read_config(path)
+    if not stored:
+        raise ValueError(f"{path} has no model config in its metadata; train the stage again")
+    defaults = ModelConfig()
+    known = {k: v for k, v in stored.items() if hasattr(defaults, k)}
+    return ModelConfig(**known)
 
 
 def finished_variants(cfg: RunConfig) -> list[str]:
