@@ -245,7 +245,7 @@ def mean_ndcg(scores: np.ndarray, targets: np.ndarray, lengths: np.ndarray) -> f
 
 
 def build_finetune_model(cfg: RunConfig, variant: str) -> FinetuneModel:
-    """Create a finetune model initialized as ``variant`` says."""
+    """Create a finetune model initialized as ``variant`` specifies."""
     if variant not in FINETUNE_VARIANTS:
         raise ValueError(f"unknown finetune variant {variant!r}; choose from {FINETUNE_VARIANTS}")
     if variant == "scratch":
@@ -308,7 +308,7 @@ def load_finetuned(cfg: RunConfig, variant: str) -> FinetuneModel:
 
 
 def stored_model_config(path: Path) -> ModelConfig:
-    """The model config saved in a checkpoint, so a model is rebuilt as it was trained even
+    """Return the model config saved in a checkpoint, so a model is rebuilt as it was trained even
     when the run's config.json changed since."""
     stored = checkpoint.read_config(path)
     if not stored:
