@@ -8,21 +8,23 @@ Modes, each run in its own subprocess:
 
 - `vectorized`: `cartformer.data.prepare.prepare` end to end (lazy read of the six needed
   columns, validation, encoding with joins, split, vectorized samples, write).
-- `spec` (reference, the default with `--reference`): `cartformer.data.reference.prepare_reference`,
-  the whole stage written the way the ARGUS homework notebook suggests. It reads the whole file
-  eagerly, builds the id mappings from sorted Python lists, splits with eager `group_by().agg()`
-  and builds the samples in a per-user Python loop. It does not validate the input.
+- `spec` (reference, the default with `--reference`):
+  `cartformer.data.reference.prepare_reference`, the whole stage in a plain notebook style. It
+  reads the whole file eagerly, builds the id mappings from sorted Python lists, splits with
+  eager `group_by().agg()` and `Expr.mode`, and builds the samples in a per-user Python loop.
+  It does not validate the input.
 - `samples` (reference): `prepare(..., sample_builder="reference")`, which shares the reading,
   validation, encoding and split of `vectorized` and builds only the samples per user.
 
-Each worker reports its wall time and its peak resident set size from
-`resource.getrusage(RUSAGE_SELF).ru_maxrss`. The script prints the 1-minute load average
-(`os.getloadavg`) before and after each run, because other processes on the machine slow the
-runs down. With `--repeat N` the modes run N times, interleaved, and the summary takes the
-fastest wall time of each mode. After the first round the script checks that every reference
-wrote the same tables, mappings, split boundaries, vocabulary sizes and counts as `vectorized`.
-`--make` first writes DATA: a random Lavka-schema file (`--rows`, default 1.5M) or the demo
-generator's "small" data set.
+Each worker reports its wall time, its CPU time (user + system, all threads) and its peak
+resident set size from `resource.getrusage(RUSAGE_SELF).ru_maxrss`. The script prints the
+1-minute load average (`os.getloadavg`) before and after each run, because other processes on
+the machine slow the runs down. With `--repeat N` the modes run N times, interleaved, and the
+summary gives the fastest and the median wall time, the median CPU time and the largest peak
+RSS of each mode. After the first round the script checks that every reference wrote the same
+tables, mappings, split boundaries, vocabulary sizes and counts as `vectorized`. `--make` first
+writes DATA: a random Lavka-schema file (`--rows`, default 1.5M) or the demo generator's
+"small" data set.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def main() -> None:
         "--reference-mode",
         choices=("spec", "samples", "both"),
         default="spec",
-        help="reference to run with --reference: the spec-style whole stage (default), the "
-        "per-user samples on the shared reading, or both",
+        help="reference to run with --reference: the whole stage in plain notebook style (spec, "
+        "the default), the per-user samples on the shared reading (samples), or both",
     )
     parser.add_argument(
         "--repeat", type=int, default=1, help="number of runs of each mode (default 1)"
@@ -200,15 +202,16 @@ def run_worker(data: Path, out: Path, mode: str) -> None:
 
 
 def format_run(run: dict[str, Any]) -> str:
+    label = f"{MODE_LABELS[run['mode']]:>26} (round {run['round'] + 1})"
     return (
-        f"{MODE_LABELS[run['mode']]:>26} (round {run['round'] + 1}): wall {run['wall_s']:8.2f} s, "
-        f"CPU {run['cpu_s']:7.2f} s, peak RSS {run['max_rss_mib']:7.0f} MiB (after imports {run['import_rss_mib']:.0f}), "
+        f"{label}: wall {run['wall_s']:8.2f} s, CPU {run['cpu_s']:7.2f} s, "
+        f"peak RSS {run['max_rss_mib']:7.0f} MiB (after imports {run['import_rss_mib']:.0f}), "
         f"load {run['load_before']:.2f} -> {run['load_after']:.2f}"
     )
 
 
 def summarize(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
-    """Return per mode the fastest and median wall and CPU times and the largest peak RSS.
+    """Return per mode the fastest and median wall time, the median CPU time and the peak RSS.
 
     Each reference also gets the ratios of its times to those of `vectorized`: fastest to
     fastest, median to median, and median CPU time to median CPU time.
@@ -262,7 +265,7 @@ def make_input(path: Path, kind: str, rows: int, seed: int) -> None:
 
 
 def compare_outputs(expected: Path, actual: Path) -> None:
-    """Raise AssertionError unless `actual` holds the tables, mappings and counts of `expected`.
+    """Raise AssertionError unless `actual` contains the tables, mappings and counts of `expected`.
 
     `expected` is a directory written by `prepare`. `actual` is one written by `prepare` or by
     `prepare_reference`, whose `reference_meta.json` stores all counts in one dict.
@@ -271,7 +274,7 @@ def compare_outputs(expected: Path, actual: Path) -> None:
     for name in names:
         expected_table = pl.read_parquet(expected / f"{name}.parquet")
         actual_table = pl.read_parquet(actual / f"{name}.parquet")
-        # DataFrame.equals compares values only, so the dtypes are checked on their own.
+        # DataFrame.equals compares values only (polars 2.1), so the dtypes get their own check.
         assert expected_table.schema == actual_table.schema, f"{name}.parquet dtypes differ"
         assert expected_table.equals(actual_table), f"{name}.parquet differs from vectorized"
     meta = json.loads((expected / "meta.json").read_text())

@@ -43,7 +43,8 @@ class FinetuneModel(nn.Module):
     log2 bucket of how many times the candidate occurs in the user's history up to h_k, and one
     per log2 bucket of how many events ago it last occurred. The plain method scores from the
     single vector u, which cannot hold every product a shopper rebuys. On the demo data the
-    offsets added about +0.03 NDCG@10 over the plain head. `history_match=False` gives the plain method.
+    offsets added about +0.03 NDCG@10 over the plain head. `history_match=False` gives the
+    plain method.
 
     The fusion and projector heads have the same shapes as in `PretrainModel`, so
     `from_pretrain` can copy them.
