@@ -81,3 +81,16 @@ def test_subcommand_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: cartformer" in capsys.readouterr().out
+
+
+def test_invalid_device_not_saved(tmp_path, capsys):
+    code = main(["evaluate", "--out", str(tmp_path), "--device", "gpu"])
+    assert code == 2
+    assert "--device" in capsys.readouterr().err
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_data_path_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config(parse("prepare", "--out", "run", "--data", "train.parquet"))
+    assert cfg.data_path == str(tmp_path / "train.parquet")

@@ -110,3 +110,17 @@ def test_prepare_rejects_bad_file(tmp_path, demo_file, capsys):
     assert code == 2
     assert "timestamp" in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_stage_retrains_after_data_change(tmp_path, demo_file, caplog):
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--embedding-dim", "16", "--device", "cpu", "--epochs", "1"]
+    assert main(["prepare", "--data", str(demo_file), "--out", str(out)]) == 0
+    assert main(["finetune", "--variants", "scratch", *common]) == 0
+    assert main(["prepare", "--data", str(demo_file), "--out", str(out), "--valid-days", "20"]) == 0
+    caplog.clear()
+    caplog.set_level("INFO")
+    assert main(["finetune", "--variants", "scratch", *common]) == 0
+    assert "training it again" in caplog.text
+    assert "reusing" not in caplog.text

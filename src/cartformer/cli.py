@@ -186,10 +186,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     config_path = args.out / "config.json"
     cfg = RunConfig.load(config_path) if config_path.is_file() else RunConfig()
     cfg.out_dir = str(args.out)
+    # Absolute paths keep the run usable from any working directory.
     if getattr(args, "data", None):
-        cfg.data_path = str(args.data)
+        cfg.data_path = str(Path(args.data).resolve())
     if getattr(args, "oracle", None):
-        cfg.oracle_path = str(args.oracle)
+        cfg.oracle_path = str(Path(args.oracle).resolve())
 
     _set(cfg.data, args, valid_days="valid_days", gap_days="gap_days", min_history="min_history")
     _set(cfg.data, args, max_history="max_history", max_requests="max_requests")
@@ -278,8 +279,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
             demo_path.parent.mkdir(parents=True, exist_ok=True)
             write_demo(demo_path, size=args.size, seed=args.demo_seed)
-        cfg.data_path = str(demo_path)
+        cfg.data_path = str(demo_path.resolve())
         _apply_demo_defaults(cfg, args)
+    _check_options(cfg)
     cfg.save(args.out / "config.json")
 
     variants = tuple(getattr(args, "variants", None) or pipeline.FINETUNE_VARIANTS)
@@ -296,6 +298,29 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"report: {args.out / 'report.md'}")
     logger.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
     return 0
+
+
+def _check_options(cfg: RunConfig) -> None:
+    """Reject invalid options before they are saved to config.json or any training starts."""
+    from cartformer.data.samples import check_data_config
+    from cartformer.training.loop import resolve_device
+
+    check_data_config(cfg.data)
+    if cfg.data.valid_days <= 0 or cfg.data.gap_days < 0:
+        raise ValueError(
+            f"--valid-days must be positive and --gap-days non-negative, got "
+            f"{cfg.data.valid_days} and {cfg.data.gap_days}"
+        )
+    resolve_device(cfg.finetune.device)
+    resolve_device(cfg.pretrain.device)
+    if cfg.oracle_path and not Path(cfg.oracle_path).is_file():
+        raise FileNotFoundError(f"oracle file not found: {cfg.oracle_path}; fix --oracle")
+    for train_cfg in (cfg.pretrain, cfg.finetune):
+        if train_cfg.max_epochs < 1 or train_cfg.batch_size < 1 or train_cfg.lr <= 0:
+            raise ValueError(
+                "--epochs and --batch-size must be at least 1 and --lr positive, got "
+                f"{train_cfg.max_epochs}, {train_cfg.batch_size} and {train_cfg.lr}"
+            )
 
 
 def _needs_pretrain(command: str, variants: tuple[str, ...]) -> bool:

@@ -15,6 +15,8 @@ needs no options besides ``--out``.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -174,7 +176,8 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
     layout = RunLayout(cfg.out_dir)
     meta = load_meta(layout)
     model_config_from_meta(cfg.model, meta)
-    if _stage_finished(layout.pretrain) and not resume:
+    fingerprint = stage_fingerprint(cfg, layout, cfg.pretrain)
+    if _stage_finished(layout.pretrain, fingerprint) and not resume:
         logger.info("pretrain: reusing %s", layout.pretrain)
         return None
     torch.manual_seed(cfg.pretrain.seed)
@@ -197,6 +200,7 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
         model_config=cfg.to_dict()["model"],
         resume=resume,
         stage_name="pretrain",
+        inputs_fingerprint=fingerprint,
     )
 
 
@@ -276,7 +280,9 @@ def run_finetune(
     results: dict[str, StageResult | None] = {}
     for variant in variants:
         stage_dir = layout.finetune(variant)
-        if _stage_finished(stage_dir) and not resume:
+        upstream = () if variant == "scratch" else (_pretrain_fingerprint(layout),)
+        fingerprint = stage_fingerprint(cfg, layout, cfg.finetune, variant, *upstream)
+        if _stage_finished(stage_dir, fingerprint) and not resume:
             logger.info("finetune %s: reusing %s", variant, stage_dir)
             results[variant] = None
             continue
@@ -294,8 +300,16 @@ def run_finetune(
             model_config=cfg.to_dict()["model"],
             resume=resume,
             stage_name=f"finetune {variant}",
+            inputs_fingerprint=fingerprint,
         )
     return results
+
+
+def _pretrain_fingerprint(layout: RunLayout) -> str:
+    state_path = layout.pretrain / "trainer_state.json"
+    if not state_path.is_file():
+        return ""
+    return str(json.loads(state_path.read_text()).get("inputs_fingerprint", ""))
 
 
 def load_finetuned(cfg: RunConfig, variant: str) -> FinetuneModel:
@@ -323,11 +337,36 @@ def finished_variants(cfg: RunConfig) -> list[str]:
     return [v for v in FINETUNE_VARIANTS if (layout.finetune(v) / "best.safetensors").is_file()]
 
 
-def _stage_finished(stage_dir: Path) -> bool:
+def _stage_finished(stage_dir: Path, fingerprint: str) -> bool:
+    """Whether the stage finished on the same prepared data and settings; a stage trained on
+    other inputs is logged and trained again."""
     state_path = stage_dir / "trainer_state.json"
     if not state_path.is_file():
         return False
-    return bool(json.loads(state_path.read_text()).get("finished"))
+    state = json.loads(state_path.read_text())
+    if not state.get("finished"):
+        return False
+    if state.get("inputs_fingerprint") != fingerprint:
+        logger.info("%s was trained on other data or settings; training it again", stage_dir)
+        return False
+    return True
+
+
+def stage_fingerprint(
+    cfg: RunConfig, layout: RunLayout, train_cfg: TrainConfig, *extra: str
+) -> str:
+    """Hash of what a stage's result depends on: the prepared data, the model config, the
+    optimization settings (not the epoch limits) and ``extra`` upstream fingerprints."""
+    optimization = {
+        key: value
+        for key, value in dataclasses.asdict(train_cfg).items()
+        if key not in ("max_epochs", "patience", "num_workers", "device")
+    }
+    payload = json.dumps(
+        [layout.meta.read_text(), dataclasses.asdict(cfg.model), optimization, *extra],
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def device_for(cfg: RunConfig) -> torch.device:

@@ -44,7 +44,10 @@ def resolve_device(name: str) -> torch.device:
     """Map ``auto`` to CUDA when it is available and to the CPU otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"invalid --device {name!r}: use auto, cpu, cuda or cuda:N") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} requested but CUDA is not available; use --device cpu")
     return device
@@ -63,6 +66,7 @@ def train_stage(
     model_config: dict[str, Any],
     resume: bool = False,
     stage_name: str = "train",
+    inputs_fingerprint: str = "",
 ) -> StageResult:
     """Train ``model`` until ``max_epochs`` or ``patience`` epochs without improvement.
 
@@ -89,6 +93,7 @@ def train_stage(
         "best_metric": None,
         "bad_epochs": 0,
         "finished": False,
+        "inputs_fingerprint": inputs_fingerprint,
     }
     if resume and state_path.is_file():
         state = json.loads(state_path.read_text())
@@ -98,6 +103,9 @@ def train_stage(
         )
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state)
+        # A finished stage continues when --epochs or --patience now allow more epochs.
+        state["finished"] = False
+        state["inputs_fingerprint"] = inputs_fingerprint
         logger.info("%s: resuming after epoch %d", stage_name, state["epoch"])
     else:
         metrics_path.unlink(missing_ok=True)
