@@ -248,12 +248,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # The terminal shows an error once, as the one-line message below; the run's log file
+    # also records it.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not getattr(record, "file_only", False))
     try:
         return _dispatch(args)
     except (ValueError, FileNotFoundError) as error:
         logger.debug("details", exc_info=True)
+        logger.error("%s failed: %s", args.command, error, extra={"file_only": True})
         print(f"cartformer {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"cartformer {args.command}: interrupted; rerun it with --resume to continue "
+            "training from the last finished epoch",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -268,6 +280,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     _log_to_file(args.out / "cartformer.log")
+    logger.info("command: cartformer %s", " ".join(sys.argv[1:]))
     cfg = resolve_config(args)
     started = time.perf_counter()
 

@@ -165,7 +165,7 @@ def _raise_value_error(lazy: pl.LazyFrame, key: str, count: int) -> None:
         rows = _example_rows(lazy, column.is_null())
         raise InvalidDataError(
             f"column '{name}' has {count} null value(s) (e.g. at rows {rows}); "
-            f"every event needs a {name}, so drop or fill these rows"
+            f"every event needs the column {name}, so drop or fill these rows"
         )
     if check == "negative":
         values = _example_values(lazy, name, column < 0)
