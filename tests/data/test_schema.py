@@ -158,3 +158,18 @@ def test_all_null_request_column_accepted(lavka_frame: pl.DataFrame) -> None:
 def test_unknown_column_name() -> None:
     with pytest.raises(ValueError, match="no schema for columns"):
         validate_events(pl.DataFrame({"a": [1]}), columns=["a"])
+
+
+def test_millisecond_timestamps_rejected():
+    frame = pl.DataFrame(
+        {
+            "action_type": ["AT_View"],
+            "product_id": pl.Series([1], dtype=pl.UInt64),
+            "source_type": ["ST_Search"],
+            "timestamp": [1_700_000_000_000],
+            "user_id": pl.Series([1], dtype=pl.UInt64),
+            "request_id": pl.Series([1], dtype=pl.UInt64),
+        }
+    )
+    with pytest.raises(InvalidDataError, match="divide milliseconds by 1000"):
+        validate_events(frame)

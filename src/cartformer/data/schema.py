@@ -110,18 +110,31 @@ def validate_events(
         non_purchase = pl.col("action_type").cast(pl.String) != "AT_Purchase"
         requestless = non_purchase & pl.col("request_id").is_null()
         summaries.append(requestless.sum().alias("__requestless"))
+    if "timestamp" in columns:
+        too_large = pl.col("timestamp") > MAX_UNIX_SECONDS
+        summaries.append(too_large.sum().alias("__timestamp_too_large"))
     counts = lazy.select(*summaries, *checks.values()).collect().row(0, named=True)
     if counts["__rows"] == 0:
         raise InvalidDataError("the input has no rows; pass a file with at least one event")
     for key in checks:
         if counts[key]:
             _raise_value_error(lazy, key, counts[key])
+    if counts.get("__timestamp_too_large"):
+        raise InvalidDataError(
+            f"column 'timestamp' has {counts['__timestamp_too_large']} rows after the year 2200 "
+            f"(larger than {MAX_UNIX_SECONDS}); timestamps must be unix seconds, so divide "
+            "milliseconds by 1000"
+        )
     if counts.get("__requestless"):
         logger.info(
             "%d view, click or cart rows have a null request_id; they count as positive events "
             "but form no request group",
             counts["__requestless"],
         )
+
+
+MAX_UNIX_SECONDS = 7_258_118_400
+"""2200-01-01 in unix seconds; later timestamps are most likely milliseconds."""
 
 
 def _check_dtype(spec: ColumnSpec, dtype: pl.DataType) -> None:
