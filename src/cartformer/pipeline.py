@@ -107,6 +107,13 @@ def run_prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     data_path = Path(cfg.data_path)
     if not data_path.is_file():
         raise FileNotFoundError(f"input file not found: {data_path}; check --data")
+    try:
+        pl.read_parquet_schema(data_path)
+    except (pl.exceptions.PolarsError, OSError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"cannot read {data_path} as parquet ({first_line}); pass a Lavka-schema parquet file"
+        ) from error
     fingerprint = _file_fingerprint(data_path)
     data_config = json.loads(json.dumps(cfg.to_dict()["data"]))
     if layout.meta.is_file() and not force:

@@ -6,9 +6,10 @@ with a linear scan. They are slow but easy to check by reading, and `cartformer.
 must produce exactly the same frames and counts. They share only the output schemas with that
 module.
 
-`prepare_reference` runs the whole stage as a plain notebook would write it: an eager read of the whole file, id mappings from sorted Python lists applied with
-`replace_strict`, the split and request groups as eager `group_by().agg()` calls with
-`Expr.mode`, then the per-user sample builders. It writes the same tables and mappings as
+`prepare_reference` runs the whole stage as a plain notebook would write it: an eager read
+of the whole file, id mappings from sorted Python lists applied with `replace_strict`, the
+split and request groups as eager `group_by().agg()` calls with `Expr.mode`, then the
+per-user sample builders. It writes the same tables and mappings as
 `cartformer.data.prepare.prepare`, and `benchmarks/bench_prepare.py` times the two against
 each other.
 """
