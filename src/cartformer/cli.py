@@ -12,11 +12,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cartformer import __version__
-from cartformer.config import RunConfig
+from cartformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 logger = logging.getLogger("cartformer")
 
@@ -81,7 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(run, prefix="finetune-")
     _add_variants(run)
     run.add_argument("--resume", action="store_true", help="continue stopped training stages")
+    _show_config_defaults(sub.choices.values())
     return parser
+
+
+def _show_config_defaults(parsers: Iterable[argparse.ArgumentParser]) -> None:
+    """Append each option's config default to its help text; the options themselves default to
+    None so that a saved config.json keeps its values."""
+    data, model, train = DataConfig(), ModelConfig(), TrainConfig()
+    defaults: dict[str, object] = {
+        "valid_days": data.valid_days,
+        "gap_days": data.gap_days,
+        "min_history": data.min_history,
+        "max_history": data.max_history,
+        "max_requests": data.max_requests,
+        "lag_min_days": data.lag_min_days,
+        "lag_max_days": data.lag_max_days,
+        "data_seed": data.seed,
+        "embedding_dim": model.embedding_dim,
+        "num_heads": model.num_heads,
+        "num_layers": model.num_layers,
+        "dropout": model.dropout,
+        "device": train.device,
+    }
+    for prefix in ("", "pretrain_", "finetune_"):
+        demo_epochs = {
+            "": f"{DEMO_PRETRAIN_EPOCHS} pretrain, {DEMO_FINETUNE_EPOCHS} finetune",
+            "pretrain_": DEMO_PRETRAIN_EPOCHS,
+            "finetune_": DEMO_FINETUNE_EPOCHS,
+        }[prefix]
+        defaults[f"{prefix}epochs"] = f"{train.max_epochs}; demo `run`: {demo_epochs}"
+        defaults[f"{prefix}patience"] = f"{train.patience}; demo `run`: {DEMO_PATIENCE}"
+        defaults[f"{prefix}batch_size"] = train.batch_size
+        defaults[f"{prefix}lr"] = train.lr
+        defaults[f"{prefix}num_workers"] = train.num_workers
+        defaults[f"{prefix}seed"] = train.seed
+    for parser in parsers:
+        for action in parser._actions:
+            if action.dest in defaults and action.help:
+                action.help += f" (default: {defaults[action.dest]})"
 
 
 def _add_out(parser: argparse.ArgumentParser) -> None:
