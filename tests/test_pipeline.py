@@ -124,3 +124,16 @@ def test_stage_retrains_after_data_change(tmp_path, demo_file, caplog):
     assert main(["finetune", "--variants", "scratch", *common]) == 0
     assert "training it again" in caplog.text
     assert "reusing" not in caplog.text
+
+
+@pytest.mark.slow
+def test_prepare_rejects_too_short_span(tmp_path, demo_file, capsys):
+    frame = pl.read_parquet(demo_file)
+    last = frame["timestamp"].max()
+    short = tmp_path / "short.parquet"
+    frame.filter(pl.col("timestamp") > last - 20 * 86_400).write_parquet(short)
+    code = main(["run", "--data", str(short), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "pretrain_train_users" in err
+    assert len(err.splitlines()) == 1

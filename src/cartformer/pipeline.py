@@ -120,12 +120,38 @@ def run_prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         meta = json.loads(layout.meta.read_text())
         if meta.get("input_file") == fingerprint and meta.get("config") == data_config:
             logger.info("prepare: reusing %s", layout.prepared)
+            _check_samples_exist(meta)
             return meta
         logger.info("prepare: the input file or the data config changed, preparing again")
     meta = prepare(data_path, layout.prepared, cfg.data)
     meta["input_file"] = fingerprint
     checkpoint.write_json(layout.meta, meta)
+    _check_samples_exist(meta)
     return meta
+
+
+def _check_samples_exist(meta: dict[str, Any]) -> None:
+    """Stop before training when a sample set came out empty, naming the split that caused it."""
+    counts = meta.get("counts", {})
+    split = meta.get("split", {})
+    empty = [
+        name
+        for name in (
+            "pretrain_train_users",
+            "pretrain_valid_users",
+            "finetune_train_requests",
+            "finetune_valid_requests",
+        )
+        if counts.get(name, 1) == 0
+    ]
+    if empty:
+        raise ValueError(
+            f"the prepared data has no {', '.join(empty)} (training ends "
+            f"{split.get('train_end_iso', '?')}, validation {split.get('valid_start_iso', '?')} "
+            f"to {split.get('valid_end_iso', '?')}); check that the file spans more than "
+            "--valid-days + --gap-days, that no stray late timestamp moves the split, and that "
+            "requests exist outside ST_Catalog; see prepared/meta.json for every dropped count"
+        )
 
 
 def _file_fingerprint(path: Path) -> dict[str, Any]:
