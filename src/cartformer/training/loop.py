@@ -103,6 +103,10 @@ def train_stage(
         )
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state)
+        # A sampler that reshuffles per epoch continues from the resumed epoch's order.
+        sampler = getattr(train_loader, "batch_sampler", None)
+        if hasattr(sampler, "epoch"):
+            sampler.epoch = state["epoch"]
         # A finished stage continues when --epochs or --patience now allow more epochs.
         state["finished"] = False
         state["inputs_fingerprint"] = inputs_fingerprint
