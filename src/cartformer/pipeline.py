@@ -47,7 +47,7 @@ from cartformer.evaluation.report import (
 )
 from cartformer.model import Backbone, FinetuneModel, PretrainModel
 from cartformer.training import checkpoint
-from cartformer.training.loop import StageResult, resolve_device, train_stage
+from cartformer.training.loop import StageResult, read_metrics, resolve_device, train_stage
 
 logger = logging.getLogger(__name__)
 
@@ -462,8 +462,10 @@ def run_evaluate(cfg: RunConfig) -> list[MethodResult]:
         layout.evaluation / "summary.json", {"requests": int(keep.sum()), "methods": summary}
     )
 
-    pretrain_history = read_metrics(layout.pretrain)
-    finetune_histories = {v: read_metrics(layout.finetune(v)) for v in finished_variants(cfg)}
+    pretrain_history = read_metrics(layout.pretrain / "metrics.jsonl")
+    finetune_histories = {
+        v: read_metrics(layout.finetune(v) / "metrics.jsonl") for v in finished_variants(cfg)
+    }
     figures = plot_learning_curves(pretrain_history, finetune_histories, layout.figures)
     text = render_report(
         results, meta, pretrain_history, finetune_histories, figures, layout.root, cfg.to_dict()
@@ -471,13 +473,6 @@ def run_evaluate(cfg: RunConfig) -> list[MethodResult]:
     layout.report.write_text(text)
     logger.info("evaluate: wrote %s", layout.report)
     return results
-
-
-def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
-    path = stage_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _default_oracle_path(data_path: str) -> str:

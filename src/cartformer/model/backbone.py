@@ -185,3 +185,15 @@ class CausalEncoderLayer(nn.Module):
         x = self.norm1(x + self.dropout_attention_output(self.out_proj(attended)))
         hidden = self.dropout_hidden(F.gelu(self.linear1(x)))
         return self.norm2(x + self.dropout_feedforward_output(self.linear2(hidden)))
+
+
+def head_config(backbone: Backbone, config: ModelConfig | None) -> ModelConfig:
+    """Return the config of a head built on ``backbone``: ``config``, or the backbone's own when
+    None, after checking that both have the same width."""
+    config = config if config is not None else backbone.config
+    if config.embedding_dim != backbone.embedding_dim:
+        raise ValueError(
+            f"ModelConfig.embedding_dim={config.embedding_dim} differs from the backbone's "
+            f"{backbone.embedding_dim}. Build both from the same config"
+        )
+    return config

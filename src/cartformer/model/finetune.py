@@ -11,7 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from cartformer.config import ModelConfig
-from cartformer.model.backbone import Backbone
+from cartformer.model.backbone import Backbone, head_config
 from cartformer.model.layers import residual_mlp
 from cartformer.model.losses import calibrated_pairwise_logistic
 from cartformer.model.ops import history_matches, make_groups, sequence_offsets
@@ -52,12 +52,7 @@ class FinetuneModel(nn.Module):
 
     def __init__(self, backbone: Backbone, config: ModelConfig | None = None) -> None:
         super().__init__()
-        config = config if config is not None else backbone.config
-        if config.embedding_dim != backbone.embedding_dim:
-            raise ValueError(
-                f"ModelConfig.embedding_dim={config.embedding_dim} differs from the backbone's "
-                f"{backbone.embedding_dim}. Build both from the same config"
-            )
+        config = head_config(backbone, config)
         dim = config.embedding_dim
         self.config = config
         self.backbone = backbone

@@ -9,7 +9,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from cartformer.config import ModelConfig
-from cartformer.model.backbone import Backbone
+from cartformer.model.backbone import Backbone, head_config
 from cartformer.model.layers import residual_mlp
 from cartformer.model.losses import catalogue_softmax_losses
 from cartformer.model.ops import sequence_offsets
@@ -34,12 +34,7 @@ class PretrainModel(nn.Module):
 
     def __init__(self, backbone: Backbone, config: ModelConfig | None = None) -> None:
         super().__init__()
-        config = config if config is not None else backbone.config
-        if config.embedding_dim != backbone.embedding_dim:
-            raise ValueError(
-                f"ModelConfig.embedding_dim={config.embedding_dim} differs from the backbone's "
-                f"{backbone.embedding_dim}. Build both from the same config"
-            )
+        config = head_config(backbone, config)
         if config.num_products < 2:
             raise ValueError(
                 f"ModelConfig.num_products is {config.num_products}. Set it from the prepared "

@@ -114,7 +114,7 @@ def train_stage(
     else:
         metrics_path.unlink(missing_ok=True)
 
-    history = _read_history(metrics_path)
+    history = read_metrics(metrics_path)
     stopped_early = state["bad_epochs"] >= cfg.patience
     while not state["finished"] and state["epoch"] < cfg.max_epochs and not stopped_early:
         epoch = state["epoch"] + 1
@@ -216,7 +216,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
 
 
-def _read_history(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Return the per-epoch records of a ``metrics.jsonl`` file, or [] when it is missing."""
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
