@@ -274,10 +274,9 @@ def _apply_demo_defaults(cfg: RunConfig, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting slowed a pretrain epoch from 18 s to 176 s when a
-    # second torch process shared the 2 cores; sleeping waiters kept it at 29 s. The variable
-    # only acts if set before torch is first imported, which happens below, and a value the
-    # user exported wins.
+    # Spinning OpenMP waiters slowed a pretrain epoch from 18 s to 176 s when a second torch
+    # process shared the 2 cores, and sleeping waiters kept it at 29 s. The variable only acts
+    # before torch is first imported (below). A value the user exported wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)

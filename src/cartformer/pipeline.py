@@ -165,8 +165,8 @@ def _file_fingerprint(path: Path) -> dict[str, Any]:
 def make_loader(
     dataset: PretrainDataset | FinetuneDataset, cfg: TrainConfig, shuffle: bool
 ) -> DataLoader:
-    """A training loader batches users of similar history length in random order; an evaluation
-    loader keeps the file order, which the validation groups and baselines share."""
+    """Build a data loader. A training loader batches users of similar history length in random
+    order. An evaluation loader keeps the file order because the baselines use the same order."""
     common = {
         "collate_fn": collate,
         "num_workers": cfg.num_workers,
@@ -371,8 +371,8 @@ def finished_variants(cfg: RunConfig) -> list[str]:
 
 
 def _stage_finished(stage_dir: Path, fingerprint: str) -> bool:
-    """Whether the stage finished on the same prepared data and settings; a stage trained on
-    other inputs is logged and trained again."""
+    """Check whether the stage finished on the same prepared data and settings. A stage trained
+    on other inputs is logged and trained again."""
     state_path = stage_dir / "trainer_state.json"
     if not state_path.is_file():
         return False

@@ -46,7 +46,7 @@ def results_table(results: Sequence[MethodResult]) -> list[tuple[str, str, float
 
 
 def format_table(results: Sequence[MethodResult]) -> str:
-    """A plain-text table for the terminal."""
+    """Format the results as a plain-text table for the terminal."""
     rows = results_table(results)
     width = max(len(name) for name, *_ in rows) + 2
     lines = [f"{'method':<{width}}{'kind':<10}{'NDCG@10':>9}{'vs best baseline':>18}"]
@@ -70,7 +70,12 @@ def conclusion(results: Sequence[MethodResult]) -> list[str]:
     if baselines:
         best_baseline = max(baselines, key=lambda r: r.mean)
         diff, half = paired_difference(best, best_baseline)
-        verdict = "beats" if diff - half > 0 else ("is below" if diff + half < 0 else "ties")
+        if diff - half > 0:
+            verdict = "beats"
+        elif diff + half < 0:
+            verdict = "is below"
+        else:
+            verdict = "ties"
         sentences.append(
             f"The best model, `{best.name}`, {verdict} the best baseline `{best_baseline.name}`: "
             f"NDCG@10 {best.mean:.4f} against {best_baseline.mean:.4f}, a paired difference of "

@@ -101,7 +101,7 @@ class Backbone(nn.Module):
         valid = lengths_to_mask(lengths, max_len)
         padded = tokens.new_zeros(*valid.shape, tokens.shape[-1])
         padded[valid] = tokens
-        # attend[b, 0, i, j]: query i of sequence b sees key j when j <= i and j is a real event.
+        # attend[b, 0, i, j]: query i of sequence b attends to key j when j <= i and j is a real event.
         # Key 0 is always visible, so no row is fully masked and padded rows stay finite; they
         # are dropped below.
         causal = torch.ones(max_len, max_len, dtype=torch.bool, device=tokens.device).tril()
@@ -168,7 +168,7 @@ class CausalEncoderLayer(nn.Module):
         self.dropout_feedforward_output = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        """(B, L, D) tokens and a (B, 1, L, L) bool mask, True where a query sees a key,
+        """(B, L, D) tokens and a (B, 1, L, L) bool mask, True where a query attends to a key,
         -> (B, L, D)."""
         batch, length, dim = x.shape
         head_dim = dim // self.num_heads
