@@ -192,6 +192,20 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="add finetune logit offsets for how often and how recently the shopper had the "
         "candidate (default on; --no-history-match gives the plain method)",
     )
+    group.add_argument(
+        "--softmax",
+        choices=("full", "sampled"),
+        help="pretrain retrieval loss over the full catalogue, or over in-batch plus uniform "
+        "negatives for large catalogues",
+    )
+    group.add_argument(
+        "--num-negatives", type=int, help="uniform negatives per step of --softmax sampled"
+    )
+    group.add_argument(
+        "--logq-correction",
+        action=argparse.BooleanOptionalAction,
+        help="correct the sampled softmax logits by the log sampling probability",
+    )
     _add_device(parser)
 
 
@@ -204,7 +218,22 @@ def _add_train_options(parser: argparse.ArgumentParser, prefix: str) -> None:
         type=int,
         help="epochs without validation improvement before stopping",
     )
-    group.add_argument(f"--{prefix}batch-size", type=int, help="users per batch")
+    group.add_argument(
+        f"--{prefix}batch-size",
+        type=int,
+        help="users per evaluation batch, and per training batch when --batch-tokens is 0",
+    )
+    group.add_argument(
+        f"--{prefix}batch-tokens",
+        type=int,
+        help="padded history events per training batch (users x longest history); 0 batches "
+        "by --batch-size users",
+    )
+    group.add_argument(
+        f"--{prefix}amp",
+        choices=("auto", "bf16", "off"),
+        help="bf16 autocast: auto is on for CUDA and off for CPU",
+    )
     group.add_argument(f"--{prefix}lr", type=float, help="AdamW learning rate after warm-up")
     group.add_argument(f"--{prefix}num-workers", type=int, help="DataLoader worker processes")
     group.add_argument(f"--{prefix}seed", type=int, help="seed of weights init and shuffling")
@@ -237,7 +266,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         cfg.model.max_seq_len = args.max_history
     _set(cfg.model, args, embedding_dim="embedding_dim", num_heads="num_heads")
     _set(cfg.model, args, num_layers="num_layers", dropout="dropout")
-    _set(cfg.model, args, history_match="history_match")
+    _set(cfg.model, args, history_match="history_match", softmax="softmax")
+    _set(cfg.model, args, num_negatives="num_negatives", logq_correction="logq_correction")
 
     if args.command == "run":
         stages = {"pretrain_": cfg.pretrain, "finetune_": cfg.finetune}
@@ -249,6 +279,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         _set(train_cfg, args, max_epochs=f"{prefix}epochs", patience=f"{prefix}patience")
         _set(train_cfg, args, batch_size=f"{prefix}batch_size", lr=f"{prefix}lr")
         _set(train_cfg, args, num_workers=f"{prefix}num_workers", seed=f"{prefix}seed")
+        _set(train_cfg, args, batch_tokens=f"{prefix}batch_tokens", amp=f"{prefix}amp")
     if getattr(args, "device", None):
         cfg.pretrain.device = cfg.finetune.device = args.device
     return cfg
@@ -371,6 +402,17 @@ def _check_options(cfg: RunConfig) -> None:
                 "--epochs and --batch-size must be at least 1 and --lr positive, got "
                 f"{train_cfg.max_epochs}, {train_cfg.batch_size} and {train_cfg.lr}"
             )
+        if train_cfg.batch_tokens < 0:
+            raise ValueError(
+                f"--batch-tokens must be 0 (batch by users) or positive, got {train_cfg.batch_tokens}"
+            )
+        if train_cfg.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be auto, bf16 or off, got {train_cfg.amp!r}")
+    if cfg.model.softmax not in ("full", "sampled") or cfg.model.num_negatives < 1:
+        raise ValueError(
+            "--softmax must be full or sampled and --num-negatives at least 1, got "
+            f"{cfg.model.softmax!r} and {cfg.model.num_negatives}"
+        )
 
 
 def _needs_pretrain(command: str, variants: tuple[str, ...]) -> bool:

@@ -44,6 +44,9 @@ class ModelConfig:
     max_temperature: float = 100.0
     feedback_loss_weight: float = 10.0
     history_match: bool = True  # finetune logit offsets for the candidate's count in the history
+    softmax: str = "full"  # pretrain retrieval loss: "full" catalogue or "sampled" negatives
+    num_negatives: int = 4096  # uniform negatives per step of the sampled softmax
+    logq_correction: bool = True  # subtract log sampling probability in the sampled softmax
 
 
 @dataclass
@@ -54,13 +57,15 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_epochs: int = 3
     warmup_start_factor: float = 0.1
-    batch_size: int = 16
+    batch_size: int = 16  # users per batch when batch_tokens is 0, and in evaluation
+    batch_tokens: int = 4096  # padded history events per training batch; 0: batch_size users
     max_epochs: int = 100
     patience: int = 10
     grad_clip: float = 0.0
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"
+    amp: str = "auto"  # bf16 autocast: "auto" (on for CUDA, off for CPU), "bf16" or "off"
 
 
 @dataclass

@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from cartformer.config import ModelConfig, RunConfig, TrainConfig
 from cartformer.data.dataset import (
     FinetuneDataset,
     LengthBucketBatchSampler,
     PretrainDataset,
+    TokenBudgetBatchSampler,
     collate,
     move_to_device,
 )
@@ -166,14 +167,22 @@ def make_loader(
     dataset: PretrainDataset | FinetuneDataset, cfg: TrainConfig, shuffle: bool
 ) -> DataLoader:
     """Build a data loader. A training loader batches users of similar history length in random
-    order. An evaluation loader keeps the file order because the baselines use the same order."""
+    order, within a budget of ``cfg.batch_tokens`` padded events (or ``cfg.batch_size`` users
+    when it is 0). An evaluation loader keeps the file order because the baselines use the same order."""
     common = {
         "collate_fn": collate,
         "num_workers": cfg.num_workers,
         "persistent_workers": cfg.num_workers > 0,
     }
     if shuffle:
-        sampler = LengthBucketBatchSampler(dataset.history_lengths, cfg.batch_size, seed=cfg.seed)
+        if cfg.batch_tokens > 0:
+            sampler: Sampler[list[int]] = TokenBudgetBatchSampler(
+                dataset.history_lengths, cfg.batch_tokens, seed=cfg.seed
+            )
+        else:
+            sampler = LengthBucketBatchSampler(
+                dataset.history_lengths, cfg.batch_size, seed=cfg.seed
+            )
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, **common)
 

@@ -353,3 +353,76 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
             batches.extend(np.split(pool, np.arange(self.batch_size, len(pool), self.batch_size)))
         for index in rng.permutation(len(batches)):
             yield batches[index].tolist()
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Batches of samples with similar history lengths, each within a budget of padded events.
+
+    A batch costs `len(batch) * max(lengths[batch])` events once its histories are padded for
+    attention. Each epoch shuffles the samples, cuts the permutation into pools of about
+    ``pool_batches`` budgets' worth of events, sorts every pool by history length and cuts it
+    greedily into the largest batches that stay within ``max_tokens``. The order of all batches
+    is then shuffled. A single history longer than the budget forms a batch of its own. Steps
+    therefore cost about the same whatever the lengths, and every sample appears exactly once
+    per epoch.
+
+    Args:
+        lengths: (num_samples,) history lengths, the events each sample feeds the transformer.
+        max_tokens: padded events per batch, at least 1.
+        seed: seed of the per-epoch shuffles; epoch e uses the generator seeded with
+            (seed, e), so ``epoch`` can be set to continue an interrupted run.
+        pool_batches: budgets per sorting pool; larger pools pad less and shuffle less.
+    """
+
+    def __init__(
+        self, lengths: np.ndarray, max_tokens: int, seed: int = 0, pool_batches: int = 50
+    ) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if (self.lengths < 1).any():
+            raise ValueError("every history length must be at least 1 to be batched by events")
+        self.max_tokens = max_tokens
+        self.pool_tokens = max_tokens * pool_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        # Pools end where the running sum of events crosses a multiple of the pool budget.
+        pool_ids = np.cumsum(self.lengths[order]) // self.pool_tokens
+        pool_starts = np.flatnonzero(np.diff(pool_ids, prepend=-1))
+        batches: list[np.ndarray] = []
+        for pool in np.split(order, pool_starts[1:]):
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            batches.extend(_cut_sorted(pool, self.lengths[pool], self.max_tokens))
+        return [batches[index] for index in rng.permutation(len(batches))]
+
+    def __len__(self) -> int:
+        return len(self._batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches(self.epoch)
+        self.epoch += 1
+        for batch in batches:
+            yield batch.tolist()
+
+
+def _cut_sorted(indices: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut samples sorted by ascending length into consecutive batches with
+    ``count * longest <= max_tokens``; a sample over the budget gets a batch of its own.
+
+    The loop runs once per batch: each step finds the batch end with one vectorized test.
+    """
+    batches: list[np.ndarray] = []
+    start = 0
+    total = len(indices)
+    while start < total:
+        # Sorted lengths make lengths[end - 1] the longest of indices[start:end].
+        counts = np.arange(1, total - start + 1)
+        fits = counts * lengths[start:] <= max_tokens
+        size = max(int(np.argmin(fits)) if not fits.all() else total - start, 1)
+        batches.append(indices[start : start + size])
+        start += size
+    return batches

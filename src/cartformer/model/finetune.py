@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from cartformer.config import ModelConfig
 from cartformer.model.backbone import Backbone, head_config
 from cartformer.model.layers import residual_mlp
-from cartformer.model.losses import calibrated_pairwise_logistic
+from cartformer.model.losses import calibrated_pairwise_logistic_sum
 from cartformer.model.ops import history_matches, make_groups, sequence_offsets
 from cartformer.model.pretrain import PretrainModel
 
@@ -165,14 +165,19 @@ class FinetuneModel(nn.Module):
         """Score a batch and compute the loss against `candidates.target` (C,).
 
         Returns:
-            `logits` (C,) and `loss`, the scalar calibrated pairwise logistic loss over the
-            requests (0 when no request has both targets).
+            `logits` (C,), `loss`, the scalar mean calibrated pairwise logistic loss over the
+            ordered pairs of all requests (0 when no request has both targets), and
+            `loss_weight`, the number of those pairs, so batches combine into one mean.
         """
         logits = self.score(batch)
-        loss = calibrated_pairwise_logistic(
+        loss_sum, num_pairs = calibrated_pairwise_logistic_sum(
             logits, batch["candidates"]["target"], batch["requests"]["lengths"]
         )
-        return {"logits": logits, "loss": loss}
+        return {
+            "logits": logits,
+            "loss": loss_sum / num_pairs.clamp(min=1.0),
+            "loss_weight": num_pairs.detach(),
+        }
 
     @staticmethod
     def _state_positions(lengths: Tensor, requests: Mapping[str, Tensor]) -> Tensor:

@@ -10,7 +10,16 @@ from cartformer.model.ops import make_pairs
 
 
 def calibrated_pairwise_logistic(logits: Tensor, targets: Tensor, lengths: Tensor) -> Tensor:
-    """Compute the calibrated pairwise logistic loss over the pairs of each request.
+    """Mean calibrated pairwise logistic loss over the ordered pairs of each request: the sum
+    of `calibrated_pairwise_logistic_sum` divided by its pair count (at least 1)."""
+    total, pairs = calibrated_pairwise_logistic_sum(logits, targets, lengths)
+    return total / pairs.clamp(min=1.0)
+
+
+def calibrated_pairwise_logistic_sum(
+    logits: Tensor, targets: Tensor, lengths: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sum the calibrated pairwise logistic loss over the ordered pairs of each request.
 
     For every ordered pair (i, j) inside one request with t_i > t_j, the pair loss is
     -log(sigmoid(c_i) / (sigmoid(c_i) + sigmoid(c_j))), computed in log space as
@@ -23,8 +32,10 @@ def calibrated_pairwise_logistic(logits: Tensor, targets: Tensor, lengths: Tenso
         lengths: (R,) candidates per request, summing to C.
 
     Returns:
-        Scalar loss. It is exactly 0, still connected to `logits` so `backward` works, when no
-        request has a pair with different targets.
+        (sum of pair losses, number of ordered pairs), both scalars in the dtype of `logits`.
+        The sum is exactly 0, still connected to `logits` so `backward` works, when no request
+        has a pair with different targets. Sum and count let several batches or processes
+        combine into one mean.
     """
     if logits.shape != targets.shape or logits.dim() != 1:
         raise ValueError(
@@ -40,10 +51,9 @@ def calibrated_pairwise_logistic(logits: Tensor, targets: Tensor, lengths: Tenso
     log_first = log_sigmoid[first]
     log_denominator = torch.logaddexp(log_first, log_sigmoid[second])
     pair_losses = log_denominator - log_first
-    # A weighted sum avoids a host sync and divides by at least 1, so an empty set of ordered
-    # pairs gives 0 instead of NaN.
+    # A weighted sum avoids a host sync, and an empty set of ordered pairs gives 0, not NaN.
     weights = is_ordered.to(logits.dtype)
-    return (pair_losses * weights).sum() / weights.sum().clamp(min=1.0)
+    return (pair_losses * weights).sum(), weights.sum()
 
 
 class CalibratedPairwiseLogistic(nn.Module):

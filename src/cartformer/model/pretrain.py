@@ -74,8 +74,9 @@ class PretrainModel(nn.Module):
 
         Returns:
             `loss` = `retrieval_loss` + feedback_loss_weight * `feedback_loss`, scalar means
-            over the P predicted events that are 0 when P = 0, and `num_predictions`, the int64
-            scalar P for weighted epoch means.
+            over the P predicted events that are 0 when P = 0, `num_predictions`, the int64
+            scalar P, and `loss_weight`, P as a float: the weight of this batch's means when
+            batches or processes combine into one mean.
         """
         history = batch["history"]
         output = self.backbone(history)
@@ -105,6 +106,7 @@ class PretrainModel(nn.Module):
             "retrieval_loss": retrieval_loss,
             "feedback_loss": feedback_loss,
             "num_predictions": num_predictions,
+            "loss_weight": num_predictions.to(retrieval_loss.dtype),
         }
 
     @staticmethod
