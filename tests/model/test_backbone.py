@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from cartformer.config import ModelConfig
-from cartformer.model.backbone import Backbone, CausalEncoderLayer
+from cartformer.model.backbone import Backbone, CausalEncoderLayer, padded_slots
 from cartformer.model.ops import lengths_to_mask
 
 NUM_PRODUCTS = 25_000
@@ -81,8 +81,13 @@ def test_layer_matches_torch_encoder_layer(training):
     valid = lengths_to_mask(lengths, 7)
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     expected = reference(x, src_mask=~causal, src_key_padding_mask=~valid)
-    actual = ours(x, causal[None, None] & valid[:, None, None, :])
-    assert torch.allclose(actual[valid], expected[valid], atol=1e-5)
+    actual = ours(x[valid], padded_slots(lengths, 7), 3, 7)
+    assert torch.allclose(actual, expected[valid], atol=1e-5)
+
+
+def test_padded_slots_example():
+    slots = padded_slots(torch.tensor([2, 3]), 3)
+    assert slots.tolist() == [0, 1, 3, 4, 5]
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from cartformer.config import ModelConfig
 from cartformer.model.layers import ContextEncoder, FeedbackEncoder, ItemEncoder
-from cartformer.model.ops import lengths_to_mask
+from cartformer.model.ops import make_groups, sequence_offsets
 
 
 @dataclass
@@ -30,9 +30,11 @@ class Backbone(nn.Module):
     """Encode events as tokens and run a causal transformer over each history.
 
     A token is i_t + c_t + f_t + p_t: item, context, feedback and absolute position embeddings.
-    The tokens of all sequences are padded to (B, L, D) and pass through post-norm transformer
-    layers with a causal and key-padding mask, so the state of event t depends only on events
-    0..t of the same sequence.
+    The tokens pass through post-norm transformer layers with causal self-attention, so the
+    state of event t depends only on events 0..t of the same sequence. Everything except the
+    attention itself (projections, feed-forward, norms) runs on the N real tokens; only the
+    attention's queries, keys and values are padded to (B, L), with L the longest sequence of
+    the batch, so batches of similar lengths waste little work.
 
     Args:
         config: sizes. `num_products`, `num_sources` and `num_actions` include index 0.
@@ -98,19 +100,13 @@ class Backbone(nn.Module):
         position_embeddings = self.position_embeddings(history["position"])
         tokens = item_embeddings + context_embeddings + feedback_embeddings + position_embeddings
 
-        valid = lengths_to_mask(lengths, max_len)
-        padded = tokens.new_zeros(*valid.shape, tokens.shape[-1])
-        padded[valid] = tokens
-        # attend[b, 0, i, j]: query i of sequence b attends to key j when j <= i and j is a real event.
-        # Key 0 is always visible, so no row is fully masked and padded rows stay finite; they
-        # are dropped below.
-        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=tokens.device).tril()
-        attend = causal[None, None] & valid[:, None, None, :]
-        encoded = padded
+        batch = lengths.shape[0]
+        slots = padded_slots(lengths, max_len)
+        encoded = tokens
         for layer in self.layers:
-            encoded = layer(encoded, attend)
+            encoded = layer(encoded, slots, batch, max_len)
         return BackboneOutput(
-            states=encoded[valid],
+            states=encoded,
             item_embeddings=item_embeddings,
             context_embeddings=context_embeddings,
         )
@@ -139,15 +135,19 @@ class Backbone(nn.Module):
 
 
 class CausalEncoderLayer(nn.Module):
-    """Post-norm transformer encoder layer on `scaled_dot_product_attention`.
+    """Post-norm transformer encoder layer with causal attention over unpadded tokens.
 
     It computes what `nn.TransformerEncoderLayer(dim, num_heads, 4 * dim, dropout, "gelu",
-    batch_first=True)` computes, with the same parameter shapes (a test copies the weights
-    across and compares outputs), but lets PyTorch pick a fused attention kernel instead of
-    materializing the attention matrix in Python-visible steps:
+    batch_first=True)` computes on right-padded sequences with a causal and key-padding mask,
+    with the same parameter shapes (a test copies the weights across and compares outputs):
 
         x = norm1(x + dropout(out_proj(attention(in_proj(x)))))
         x = norm2(x + dropout(linear2(dropout(gelu(linear1(x))))))
+
+    The input stays in the unpadded (N, D) layout. Only the attention pads its queries, keys
+    and values to (B, L) and runs `scaled_dot_product_attention` with `is_causal=True`: with
+    right padding, the keys a real query may see (0..t) are all real, so no key-padding mask is
+    needed and PyTorch can pick its fused causal kernel. Padded query rows are dropped.
 
     `attention_dropout` is the dropout on attention weights, which the torch layer ties to
     `dropout`.
@@ -167,24 +167,44 @@ class CausalEncoderLayer(nn.Module):
         self.dropout_hidden = nn.Dropout(dropout)
         self.dropout_feedforward_output = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        """(B, L, D) tokens and a (B, 1, L, L) bool mask, True where a query attends to a key,
-        -> (B, L, D)."""
-        batch, length, dim = x.shape
+    def forward(self, x: Tensor, slots: Tensor, batch: int, max_len: int) -> Tensor:
+        """Transform the tokens of a batch of sequences.
+
+        Args:
+            x: (N, D) tokens, sequences concatenated in order.
+            slots: (N,) int64 index of every token in the flattened (B * L) padded layout, as
+                `padded_slots` returns.
+            batch, max_len: B and L of the padded layout.
+
+        Returns:
+            (N, D) transformed tokens.
+        """
+        num_tokens, dim = x.shape
         head_dim = dim // self.num_heads
-        qkv = self.in_proj(x).view(batch, length, 3, self.num_heads, head_dim)
+        qkv = x.new_zeros(batch * max_len, 3 * dim).index_copy(0, slots, self.in_proj(x))
+        qkv = qkv.view(batch, max_len, 3, self.num_heads, head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(
             query,
             key,
             value,
-            attn_mask=attend,
+            is_causal=True,
             dropout_p=self.attention_dropout if self.training else 0.0,
         )
-        attended = attended.transpose(1, 2).reshape(batch, length, dim)
+        attended = attended.transpose(1, 2).reshape(batch * max_len, dim).index_select(0, slots)
         x = self.norm1(x + self.dropout_attention_output(self.out_proj(attended)))
         hidden = self.dropout_hidden(F.gelu(self.linear1(x)))
         return self.norm2(x + self.dropout_feedforward_output(self.linear2(hidden)))
+
+
+def padded_slots(lengths: Tensor, max_len: int) -> Tensor:
+    """Return the (N,) index of every token in the flattened (B * L) right-padded layout.
+
+    Example: lengths [2, 3], max_len 3 -> [0, 1, 3, 4, 5].
+    """
+    groups = make_groups(lengths)
+    local = torch.arange(groups.shape[0], device=lengths.device) - sequence_offsets(lengths)[groups]
+    return groups * max_len + local
 
 
 def head_config(backbone: Backbone, config: ModelConfig | None) -> ModelConfig:

@@ -102,10 +102,20 @@ class FinetuneModel(nn.Module):
         Returns:
             (C,) calibrated logits, in the order of `candidates.product`.
         """
+        return self.score_states(self.backbone(batch["history"]).states, batch)
+
+    def score_states(self, states: Tensor, batch: Mapping[str, Mapping[str, Tensor]]) -> Tensor:
+        """Score every candidate from given backbone states: `score` without the backbone.
+
+        Args:
+            states: (N, D) backbone states of `batch["history"]`, in its unpadded layout.
+            batch: as for `score`.
+
+        Returns:
+            (C,) calibrated logits, in the order of `candidates.product`.
+        """
         history = batch["history"]
         requests = batch["requests"]
-        states = self.backbone(history).states
-
         state_positions = self._state_positions(history["lengths"], requests)
         contexts = self.backbone.context_encoder(requests)
         fused = self.user_context_fusion(torch.cat([states[state_positions], contexts], dim=-1))
