@@ -3,10 +3,10 @@
 A softmax over a whole catalogue needs the log-sum-exp of a (P, M) logit matrix: P predicted
 events against M products. Built from plain autograd ops, that matrix and several temporaries
 of the same size are stored for the backward pass (about 0.4 GB each for 4,000 events against
-26,500 products) and every elementwise pass streams them through memory. `matmul_logsumexp`
-instead walks over blocks of rows, keeps only the (P,) result, and recomputes each block's
-logits in the backward pass, where the softmax, its gradient and both matmuls of the block
-are done while the block is still in cache.
+26,500 products), and every elementwise pass streams them through memory. `matmul_logsumexp`
+instead walks over blocks of rows and keeps only the (P,) result. The backward pass
+recomputes each block's logits and finishes the block's softmax, gradient and matmuls while
+the block is still in cache.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 DEFAULT_BLOCK_ROWS = 128
-"""Rows per block: 128 rows of 26,500 float32 logits take 13 MiB, within a server's L3."""
+"""Rows per block: 128 rows of 26,500 float32 logits take 13 MiB, less than the 32 MiB L3
+cache of the machine in docs/benchmarks.md."""
 
 
 def matmul_logsumexp(
