@@ -17,8 +17,16 @@ from cartformer.data.demo import (
     oracle_path_for,
     write_demo,
 )
-from cartformer.data.demo_vocab import CATEGORIES, IMAGE_URL_PREFIX
-from cartformer.data.demo_world import SURFACES
+from cartformer.data.demo_simulation import (
+    LOCAL_UTC_OFFSET_SECONDS,
+    START_TIMESTAMP,
+    Simulation,
+    local_calendar,
+    simulate,
+)
+from cartformer.data.demo_vocab import CATEGORIES, DAYPART_HOURS, IMAGE_URL_PREFIX
+from cartformer.data.demo_world import SURFACES, DemoSize, World, build_world
+from cartformer.data.schema import CART
 
 DAY = 24 * 60 * 60
 REQUEST_COLUMNS = ("request_id", "source_type", "position_in_request")
@@ -27,6 +35,19 @@ REQUEST_COLUMNS = ("request_id", "source_type", "position_in_request")
 @pytest.fixture(scope="module")
 def tiny() -> tuple[pl.DataFrame, pl.DataFrame]:
     return generate_demo("tiny", seed=0)
+
+
+MEDIUM = DemoSize(
+    num_users=150, num_products=800, num_stores=12, num_cities=3, sessions_per_day=0.1
+)
+"""Large enough for the side-feature signal to stand out of the noise, about 2 s to simulate."""
+
+
+@pytest.fixture(scope="module")
+def medium() -> tuple[World, Simulation]:
+    rng = np.random.default_rng(0)
+    world = build_world(MEDIUM, rng)
+    return world, simulate(MEDIUM, world, rng)
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +266,107 @@ def test_write_rejects_other_suffix(tmp_path: Path) -> None:
 def test_tiny_is_fast_and_small(events: pl.DataFrame) -> None:
     assert 2_000 < events.height < 50_000
     assert np.isin(["AT_View"], events["action_type"].unique().to_numpy()).all()
+
+
+def _cart_log_share(
+    world: World, simulation: Simulation, group: np.ndarray, num_groups: int
+) -> np.ndarray:
+    """Return the (G, C) log ratio of each group's category share of carts to the overall share.
+
+    `group` is the (carts,) group index of each cart row. Counts get add-one smoothing.
+    """
+    num_categories = len(CATEGORIES)
+    cart = simulation.action == CART
+    category = world.product_category[simulation.product[cart]]
+    counts = np.zeros((num_groups, num_categories))
+    np.add.at(counts, (group, category), 1)
+    share = (counts + 1) / (counts + 1).sum(axis=1, keepdims=True)
+    overall = (counts.sum(axis=0) + 1) / (counts.sum() + num_categories)
+    return np.log(share / overall)
+
+
+def test_cart_share_follows_daypart(medium: tuple[World, Simulation]) -> None:
+    world, simulation = medium
+    cart = simulation.action == CART
+    hour, _, _ = local_calendar(simulation.timestamp[cart])
+    daypart_of_hour = np.empty(24, dtype=np.int64)
+    for index, (start, end) in enumerate(DAYPART_HOURS):
+        daypart_of_hour[np.arange(start, end) % 24] = index
+    observed = _cart_log_share(world, simulation, daypart_of_hour[hour], len(DAYPART_HOURS))
+    effect = world.hour_category_effect[[start for start, _ in DAYPART_HOURS]]
+    effect = effect - effect.mean(axis=0)
+    assert np.corrcoef(observed.ravel(), effect.ravel())[0, 1] > 0.5
+
+
+def test_morning_coffee_evening_meat(medium: tuple[World, Simulation]) -> None:
+    world, simulation = medium
+    cart = simulation.action == CART
+    hour, _, _ = local_calendar(simulation.timestamp[cart])
+    category = world.product_category[simulation.product[cart]]
+    names = [category.name for category in CATEGORIES]
+    coffee, meat = names.index("Чай и кофе"), names.index("Мясо и птица")
+    morning = (hour >= 6) & (hour < 11)
+    evening = (hour >= 16) & (hour < 22)
+    assert (category[morning] == coffee).mean() > 1.5 * (category[evening] == coffee).mean()
+    assert (category[evening] == meat).mean() > 1.5 * (category[morning] == meat).mean()
+
+
+def test_cart_share_follows_city(medium: tuple[World, Simulation]) -> None:
+    world, simulation = medium
+    cart = simulation.action == CART
+    city = world.store_city[simulation.store[cart]]
+    observed = _cart_log_share(world, simulation, city, MEDIUM.num_cities)
+    effect = world.city_category_effect - world.city_category_effect.mean(axis=0)
+    assert np.corrcoef(observed.ravel(), effect.ravel())[0, 1] > 0.3
+
+
+def test_city_stores_share_assortment(medium: tuple[World, Simulation]) -> None:
+    world, _ = medium
+    carried = world.in_assortment.astype(np.float64)
+    common = carried @ carried.T
+    sizes = carried.sum(axis=1)
+    jaccard = common / (sizes[:, None] + sizes[None, :] - common)
+    same_city = world.store_city[:, None] == world.store_city[None, :]
+    other_store = ~np.eye(len(sizes), dtype=bool)
+    assert jaccard[same_city & other_store].mean() > jaccard[~same_city].mean() + 0.03
+
+
+def test_store_category_depth(medium: tuple[World, Simulation]) -> None:
+    world, _ = medium
+    depth = np.stack(
+        [
+            world.in_assortment[:, world.product_category == category].mean(axis=1)
+            for category in range(len(CATEGORIES))
+        ],
+        axis=1,
+    )
+    relative = depth - depth.mean(axis=1, keepdims=True)
+    assert np.corrcoef(relative.ravel(), world.store_category_effect.ravel())[0, 1] > 0.5
+
+
+def test_names_share_tokens_in_category(events: pl.DataFrame) -> None:
+    products = events.select("product_id", "product_name", "product_category").unique()
+    words = products.select("product_category", word=pl.col("product_name").str.extract(r"^(\S+)"))
+    per_category = words.group_by("product_category").agg(
+        products=pl.len(), nouns=pl.col("word").n_unique()
+    )
+    assert (per_category["nouns"] < per_category["products"]).all()
+    categories_per_noun = words.unique().group_by("word").agg(pl.col("product_category").n_unique())
+    assert (categories_per_noun["product_category"] == 1).mean() > 0.9
+
+
+def test_sessions_follow_local_hours(events: pl.DataFrame) -> None:
+    local_hour = ((pl.col("timestamp") + LOCAL_UTC_OFFSET_SECONDS) // 3600) % 24
+    views = events.filter(pl.col("action_type") == "AT_View").select(hour=local_hour)
+    night = views.filter(pl.col("hour").is_between(2, 5)).height
+    evening = views.filter(pl.col("hour").is_between(18, 21)).height
+    assert evening > 5 * night
+
+
+def test_span_starts_moscow_midnight(events: pl.DataFrame) -> None:
+    assert events["timestamp"].min() >= START_TIMESTAMP
+    assert events["timestamp"].min() < START_TIMESTAMP + 2 * DAY
+    hour, weekend, month = local_calendar(np.array([START_TIMESTAMP]))
+    assert hour.tolist() == [0]
+    assert month.tolist() == [8]
+    assert weekend.tolist() == [False]

@@ -16,8 +16,10 @@ from cartformer.data.demo_world import SURFACES, TASTE_STD, DemoSize, World
 from cartformer.data.schema import CART, CLICK, PURCHASE, VIEW
 
 DAY_SECONDS = 24 * 60 * 60
-START_TIMESTAMP = 1_693_526_400
-"""2023-09-01 00:00:00 UTC, the first day of the span."""
+LOCAL_UTC_OFFSET_SECONDS = 3 * 60 * 60
+"""Shoppers live on Moscow time, UTC+3 all year: hours, weekdays and months are local."""
+START_TIMESTAMP = 1_693_526_400 - LOCAL_UTC_OFFSET_SECONDS
+"""2023-09-01 00:00:00 Moscow time (2023-08-31 21:00 UTC), the first day of the span."""
 
 # Sessions and requests.
 MAIN_STORE_SHARE = 0.8
@@ -28,7 +30,7 @@ MEAN_REQUEST_GAP_SECONDS = 45.0
 HOUR_WEIGHTS = np.array(
     [1, 0.5, 0.3, 0.2, 0.2, 0.4, 1, 2, 3, 4, 4, 4, 4.5, 4, 3.5, 3.5, 4, 5, 6, 6.5, 6, 5, 3.5, 2]
 )
-"""Relative session starts per hour of the day."""
+"""Relative session starts per local hour of the day."""
 
 # Candidate pools.
 POOL_SIZE = 64
@@ -44,10 +46,13 @@ TASTE_TIMESCALE_DAYS = 90.0
 # Cart logit terms. The taste score of a product is its category preference plus the dot
 # product of the shopper's taste with the product's vector.
 CATEGORY_TASTE_WEIGHT = 0.6
-CART_INTERCEPT = -5.6
+CART_INTERCEPT = -6.5
 TASTE_WEIGHT = 1.3
 POPULARITY_WEIGHT = 0.3
 IDIOSYNCRATIC_STD = 0.2
+STORE_SALES_WEIGHT = 0.5
+"""Weight of the store x category assortment depth in the cart logit: a store that stocks a
+category deeply also sells it better."""
 POSITION_WEIGHT = 0.4
 REQUEST_INTENT_STD = 0.6
 HABIT_WEIGHT = 0.1
@@ -119,11 +124,11 @@ class _ShopperState:
         self.last_purchase_day = np.full((num_users, num_products), -1, dtype=np.int16)
         self.recent = np.zeros((num_users, RECENT_PURCHASES), dtype=np.int64)
         self.recent_total = np.zeros(num_users, dtype=np.int64)
-        self.taste_mean = world.taste_mean
+        self.taste_mean = world.user_taste_mean  # (U, TASTE_DIM) mean of the shopper's city
         self.rng = rng
 
     def advance_taste(self, day: int) -> None:
-        """Move every taste along its random walk from the last update to `day`."""
+        """Move every taste along its random walk around its city mean, to `day`."""
         elapsed = day - self.taste_day
         if elapsed <= 0:
             return
@@ -231,8 +236,8 @@ def _draw_requests(size: DemoSize, world: World, rng: np.random.Generator) -> _R
 
 
 def _weekday_of_start() -> int:
-    """Weekday of START_TIMESTAMP, Monday = 0 (1970-01-01 was a Thursday)."""
-    return (START_TIMESTAMP // DAY_SECONDS + 3) % 7
+    """Local weekday of START_TIMESTAMP, Monday = 0 (1970-01-01 was a Thursday)."""
+    return ((START_TIMESTAMP + LOCAL_UTC_OFFSET_SECONDS) // DAY_SECONDS + 3) % 7
 
 
 def _simulate_day(
@@ -249,7 +254,7 @@ def _simulate_day(
     user = requests.user[selected]
     surface = requests.surface[selected]
     taste = state.taste[user]  # (R, TASTE_DIM)
-    preference = category_preference(user, taste, world)  # (R, C)
+    preference = category_preference(user, taste, requests.time[selected], world)  # (R, C)
 
     shown = _show_lists(
         user,
@@ -266,6 +271,7 @@ def _simulate_day(
     shown_user = user[row]
     shown_surface = surface[row]
     shown_category = world.product_category[product]
+    shown_store = requests.store[selected][row]
 
     # The true cart probability of every shown item.
     intent = rng.normal(0.0, REQUEST_INTENT_STD, len(user))
@@ -274,6 +280,7 @@ def _simulate_day(
         CART_INTERCEPT
         + cart_offset[shown_surface]
         + world.surface_category_effect[shown_surface, shown_category]
+        + STORE_SALES_WEIGHT * world.store_category_effect[shown_store, shown_category]
         + TASTE_WEIGHT * taste_score
         + POPULARITY_WEIGHT * world.product_pop_z[product]
         + IDIOSYNCRATIC_STD * _pair_noise(shown_user, product, pair_salt)
@@ -336,15 +343,37 @@ def _show_lists(
     )
 
 
-def category_preference(user: np.ndarray, taste: np.ndarray, world: World) -> np.ndarray:
+def category_preference(
+    user: np.ndarray, taste: np.ndarray, time: np.ndarray, world: World
+) -> np.ndarray:
     """Return the (R, C) category preference of R shoppers with (R, TASTE_DIM) tastes.
 
-    The shared category base, the shopper's static affinity and the drifting part of the taste
-    along the category's direction. The population mean of the tastes is left out here, so that
-    it only ranks products inside a category and no category is liked by everyone by chance.
+    The sum of the shared category base, the shopper's static affinity, the city's offset, the
+    offsets of the local hour, weekend and month of the (R,) unix-second times `time`, and the
+    part of the taste along the category's direction. That last part is measured from the
+    population mean of the tastes, so it includes the city's taste shift but no category is
+    liked by everyone by chance.
     """
     drift = (taste - world.taste_mean) @ world.category_vector.T
-    return world.category_base + world.user_category_affinity[user] + CATEGORY_TASTE_WEIGHT * drift
+    hour, weekend, month = local_calendar(time)
+    return (
+        world.category_base
+        + world.user_category_affinity[user]
+        + world.city_category_effect[world.user_city[user]]
+        + world.hour_category_effect[hour]
+        + weekend[:, None] * world.weekend_category_effect
+        + world.month_category_effect[month]
+        + CATEGORY_TASTE_WEIGHT * drift
+    )
+
+
+def local_calendar(time: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the local (R,) hour 0..23, (R,) weekend flag and (R,) month 0..11 of unix seconds."""
+    local = time + LOCAL_UTC_OFFSET_SECONDS
+    hour = (local // 3600) % 24
+    weekend = (local // DAY_SECONDS + 3) % 7 >= 5  # 1970-01-01 was a Thursday
+    month = local.astype("datetime64[s]").astype("datetime64[M]").astype(np.int64) % 12
+    return hour, weekend, month
 
 
 def _request_categories(

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cartformer.data.demo_vocab import CATEGORIES, CITIES
+from cartformer.data.demo_vocab import (
+    CATEGORIES,
+    CITIES,
+    DAYPART_HOURS,
+    DAYPART_PREFERENCE,
+    SEASON_PREFERENCE,
+    WEEKEND_PREFERENCE,
+)
 
 TASTE_DIM = 12
 """Dimension of the latent taste space of products and shoppers."""
@@ -23,6 +30,25 @@ CATEGORY_BASE_WEIGHT = 0.5
 CATEGORY_AFFINITY_STD = 0.5
 NICHE_PENALTY = 4.0
 """Subtracted from the affinity of shoppers outside a niche category (babies, pets)."""
+CITY_CATEGORY_STD = 0.4
+"""Standard deviation of the city x category preference offset shared by a city's shoppers."""
+CITY_TASTE_STD = 0.15
+"""Per-dimension standard deviation of a city's shift of the mean taste of its shoppers."""
+STORE_CATEGORY_STD = 0.6
+"""Standard deviation of the store x category offset of the assortment logit (how deep a store
+stocks a category). The simulation also adds part of it to the cart logit."""
+CITY_PRODUCT_STD = 1.2
+"""Standard deviation of the city x product offset of the assortment logit: regional ranges
+that all stores of a city share."""
+NOUN_VECTOR_STD = 0.6
+BRAND_VECTOR_STD = 0.3
+DESCRIPTOR_VECTOR_STD = 0.3
+PRODUCT_NOISE_STD = 0.4
+"""Per-dimension standard deviations of the parts of a product's taste vector: its noun, brand
+and descriptor tokens, and noise that no name token explains."""
+SUMMER_MONTHS = (5, 6, 7)
+WINTER_MONTHS = (11, 0, 1)
+"""Month indices (January = 0) of the seasons in SEASON_PREFERENCE."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +156,11 @@ class World:
     category_base: np.ndarray  # (C,) float64 preference shared by all shoppers
     complement: np.ndarray  # (C,) int64 complement category
     impulse_categories: np.ndarray  # (K,) int64 category indices for the checkout surface
+    hour_category_effect: np.ndarray  # (24, C) float64 preference offset by local hour
+    weekend_category_effect: np.ndarray  # (C,) float64 preference offset on weekends
+    month_category_effect: np.ndarray  # (12, C) float64 preference offset by month
+    city_category_effect: np.ndarray  # (num_cities, C) float64 preference offset by city
+    store_category_effect: np.ndarray  # (S, C) float64 assortment depth of each category
     in_assortment: np.ndarray  # (S, P) bool
     assortment_start: np.ndarray  # (S + 1,) int64 offsets into the flattened assortment
     assortment_product: np.ndarray  # (A,) int64 product index of each assortment entry
@@ -142,6 +173,7 @@ class World:
     user_start_day: np.ndarray  # (U,) int64 first active day
     user_category_affinity: np.ndarray  # (U, C) float64 static category preference
     taste_mean: np.ndarray  # (TASTE_DIM,) float64 population mean of the tastes
+    user_taste_mean: np.ndarray  # (U, TASTE_DIM) float64 the mean of the city of each shopper
     initial_taste: np.ndarray  # (U, TASTE_DIM) float64 taste on day 0
 
 
@@ -169,7 +201,9 @@ def build_world(size: DemoSize, rng: np.random.Generator) -> World:
 
     category_vector = rng.normal(0.0, 1.0, (num_categories, TASTE_DIM))
     names, token_vector = _draw_names(product_category, rng)
-    product_vector = token_vector + rng.normal(0.0, 0.5, (size.num_products, TASTE_DIM))
+    product_vector = token_vector + rng.normal(
+        0.0, PRODUCT_NOISE_STD, (size.num_products, TASTE_DIM)
+    )
     # Categories bought often (short cycles) are preferred by everyone: dairy over spices.
     category_cycle = np.array([category.cycle_days for category in CATEGORIES])
     category_base = CATEGORY_BASE_WEIGHT * np.log(np.median(category_cycle) / category_cycle)
@@ -179,7 +213,10 @@ def build_world(size: DemoSize, rng: np.random.Generator) -> World:
     complement = np.array([names_to_index[category.complement] for category in CATEGORIES])
     impulse = np.flatnonzero([category.impulse for category in CATEGORIES])
 
-    in_assortment = _draw_assortments(size.num_stores, pop_z, rng)
+    store_category_effect = rng.normal(0.0, STORE_CATEGORY_STD, (size.num_stores, num_categories))
+    in_assortment = _draw_assortments(
+        store_city, product_category, pop_z, store_category_effect, rng
+    )
     assortment_start, assortment_product, cumulative, store_category_start = _flatten_assortments(
         in_assortment, popularity, category_start
     )
@@ -199,8 +236,13 @@ def build_world(size: DemoSize, rng: np.random.Generator) -> World:
     outside_niche = rng.random((size.num_users, num_categories)) >= niche_share
     affinity = np.where(outside_niche, affinity - NICHE_PENALTY, affinity)
 
+    # Cities differ in category preference and in the mean taste of their shoppers.
+    city_category_effect = rng.normal(0.0, CITY_CATEGORY_STD, (size.num_cities, num_categories))
+    city_taste_shift = rng.normal(0.0, CITY_TASTE_STD, (size.num_cities, TASTE_DIM))
     taste_mean = rng.normal(0.0, TASTE_MEAN_STD, TASTE_DIM)
-    initial_taste = taste_mean + rng.normal(0.0, TASTE_STD, (size.num_users, TASTE_DIM))
+    user_taste_mean = taste_mean + city_taste_shift[user_city]
+    initial_taste = user_taste_mean + rng.normal(0.0, TASTE_STD, (size.num_users, TASTE_DIM))
+    hour_effect, weekend_effect, month_effect = _time_category_effects()
 
     return World(
         city_names=city_names,
@@ -216,6 +258,11 @@ def build_world(size: DemoSize, rng: np.random.Generator) -> World:
         category_base=category_base,
         complement=complement,
         impulse_categories=impulse,
+        hour_category_effect=hour_effect,
+        weekend_category_effect=weekend_effect,
+        month_category_effect=month_effect,
+        city_category_effect=city_category_effect,
+        store_category_effect=store_category_effect,
         in_assortment=in_assortment,
         assortment_start=assortment_start,
         assortment_product=assortment_product,
@@ -228,6 +275,7 @@ def build_world(size: DemoSize, rng: np.random.Generator) -> World:
         user_start_day=user_start_day,
         user_category_affinity=affinity,
         taste_mean=taste_mean,
+        user_taste_mean=user_taste_mean,
         initial_taste=initial_taste,
     )
 
@@ -248,13 +296,29 @@ def _allocate_stores(num_stores: int, city_share: np.ndarray, rng: np.random.Gen
     return rng.permutation(np.repeat(np.arange(len(city_share)), counts))
 
 
+def _time_category_effects() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Build the (24, C) hourly, (C,) weekend and (12, C) monthly category preference offsets."""
+    names = [category.name for category in CATEGORIES]
+    daypart = np.array([DAYPART_PREFERENCE.get(name, (0.0,) * 4) for name in names]).T
+    daypart_of_hour = np.empty(24, dtype=np.int64)
+    for index, (start, end) in enumerate(DAYPART_HOURS):
+        daypart_of_hour[np.arange(start, end) % 24] = index
+    weekend = np.array([WEEKEND_PREFERENCE.get(name, 0.0) for name in names])
+    season = np.array([SEASON_PREFERENCE.get(name, (0.0, 0.0)) for name in names])
+    month = np.zeros((12, len(names)))
+    month[list(SUMMER_MONTHS)] = season[:, 0]
+    month[list(WINTER_MONTHS)] = season[:, 1]
+    return daypart[daypart_of_hour], weekend, month
+
+
 def _draw_names(
     product_category: np.ndarray, rng: np.random.Generator
 ) -> tuple[list[str], np.ndarray]:
     """Build product names from category tokens and their (P, TASTE_DIM) token vectors.
 
-    A name is "<noun> <descriptor> «<brand>», <pack>". The noun and brand each add a vector to
-    the product's taste, so products that share those tokens are also close in taste.
+    A name is "<noun> <descriptor> «<brand>», <pack>". The noun, descriptor and brand each add
+    a vector to the product's taste, so products that share those tokens are also close in
+    taste. Pack sizes carry no taste.
     """
     num_products = len(product_category)
     names = np.empty(num_products, dtype=object)
@@ -266,9 +330,14 @@ def _draw_names(
         descriptor = rng.integers(0, len(category.descriptors), count)
         brand = rng.integers(0, len(category.brands), count)
         pack = rng.integers(0, len(category.packs), count)
-        noun_vector = rng.normal(0.0, 0.6, (len(category.nouns), TASTE_DIM))
-        brand_vector = rng.normal(0.0, 0.3, (len(category.brands), TASTE_DIM))
-        token_vector[members] = noun_vector[noun] + brand_vector[brand]
+        noun_vector = rng.normal(0.0, NOUN_VECTOR_STD, (len(category.nouns), TASTE_DIM))
+        brand_vector = rng.normal(0.0, BRAND_VECTOR_STD, (len(category.brands), TASTE_DIM))
+        descriptor_vector = rng.normal(
+            0.0, DESCRIPTOR_VECTOR_STD, (len(category.descriptors), TASTE_DIM)
+        )
+        token_vector[members] = (
+            noun_vector[noun] + brand_vector[brand] + descriptor_vector[descriptor]
+        )
         nouns = np.array(category.nouns, dtype=object)
         descriptors = np.array(category.descriptors, dtype=object)
         brands = np.array(category.brands, dtype=object)
@@ -279,15 +348,32 @@ def _draw_names(
     return names.tolist(), token_vector
 
 
-def _draw_assortments(num_stores: int, pop_z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw the (S, P) bool assortment matrix, in which popular products are carried more often.
+def _draw_assortments(
+    store_city: np.ndarray,
+    product_category: np.ndarray,
+    pop_z: np.ndarray,
+    store_category_effect: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Draw the (S, P) bool assortment matrix.
 
-    Every product is carried by at least one store, so every product can be shown.
+    A store carries a product with probability sigmoid(logit(fill) + 1.2 pop_z + store x
+    category depth + city x product regional offset), so popular products are carried more
+    often, stores specialize in some categories and the stores of one city carry similar
+    ranges. Every product is carried by at least one store, so every product can be shown.
     """
-    num_products = len(pop_z)
+    num_stores, num_products = len(store_city), len(pop_z)
+    num_cities = int(store_city.max()) + 1
     store_fill = rng.uniform(0.35, 0.85, num_stores)
-    logit = np.log(store_fill / (1.0 - store_fill))[:, None] + 1.2 * pop_z[None, :]
+    city_product_effect = rng.normal(0.0, CITY_PRODUCT_STD, (num_cities, num_products))
+    logit = (
+        np.log(store_fill / (1.0 - store_fill))[:, None].astype(np.float32)
+        + (1.2 * pop_z).astype(np.float32)[None, :]
+        + store_category_effect.astype(np.float32)[:, product_category]
+        + city_product_effect.astype(np.float32)[store_city]
+    )
     threshold = 1.0 / (1.0 + np.exp(-logit))
+    del logit
     in_assortment = rng.random((num_stores, num_products), dtype=np.float32) < threshold
     orphans = np.flatnonzero(~in_assortment.any(axis=0))
     in_assortment[rng.integers(0, num_stores, len(orphans)), orphans] = True
