@@ -1,0 +1,1 @@
+"""Scoring requests with a trained run and writing the competition's submission file."""
