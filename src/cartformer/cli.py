@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_variants(run)
     run.add_argument("--resume", action="store_true", help="continue stopped training stages")
     _show_config_defaults(sub.choices.values())
+
+    from cartformer.inference.commands import add_parsers
+
+    add_parsers(sub)  # score, submit, catboost: their help texts state their own defaults
     return parser
 
 
@@ -311,9 +315,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Under torchrun only rank 0 logs progress; the other ranks log warnings and errors.
+    rank = os.environ.get("RANK", "0")
+    level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level if rank == "0" else max(level, logging.WARNING),
+        format=("" if rank == "0" else f"rank {rank} ")
+        + "%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     # The terminal shows an error once, as the one-line message below; the run's log file
@@ -340,43 +348,63 @@ def _dispatch(args: argparse.Namespace) -> int:
     from cartformer import pipeline
     from cartformer.data.demo import write_demo
     from cartformer.evaluation.report import format_table
+    from cartformer.training import distributed
+    from cartformer.training.loop import resolve_device
 
     if args.command == "demo-data":
         data_path, oracle_path = write_demo(args.output, size=args.size, seed=args.demo_seed)
         print(f"wrote {data_path}\nwrote {oracle_path}")
         return 0
+    if args.command in ("score", "submit", "catboost"):
+        from cartformer.inference.commands import run_command
+
+        return run_command(args, _log_to_file)
 
     args.out.mkdir(parents=True, exist_ok=True)
     _log_to_file(args.out / "cartformer.log")
     logger.info("command: cartformer %s", " ".join(sys.argv[1:]))
     cfg = resolve_config(args)
+    if distributed.env_world_size() > 1:
+        distributed.init_process_group(
+            resolve_device(cfg.pretrain.device), resolve_device(cfg.finetune.device)
+        )
+        # Every rank has read config.json before rank 0 writes it again.
+        distributed.barrier()
     started = time.perf_counter()
 
     if args.command == "run" and not cfg.data_path:
         demo_path = args.out / DEMO_DATA_FILE
-        if not demo_path.is_file():
+        if not demo_path.is_file() and distributed.is_main_process():
             logger.info(
                 "run: no --data given, generating the %s demo into %s", args.size, demo_path
             )
             demo_path.parent.mkdir(parents=True, exist_ok=True)
             write_demo(demo_path, size=args.size, seed=args.demo_seed)
+        distributed.barrier()
         cfg.data_path = str(demo_path.resolve())
         _apply_demo_defaults(cfg, args)
     _check_options(cfg)
-    cfg.save(args.out / "config.json")
+    if distributed.is_main_process():
+        cfg.save(args.out / "config.json")
 
     variants = tuple(getattr(args, "variants", None) or pipeline.FINETUNE_VARIANTS)
     if args.command in ("prepare", "run"):
-        pipeline.run_prepare(cfg)
+        if distributed.is_main_process():
+            pipeline.run_prepare(cfg)
+        distributed.barrier()
     if args.command in ("pretrain", "run") and _needs_pretrain(args.command, variants):
         pipeline.run_pretrain(cfg, resume=args.resume)
     if args.command in ("finetune", "run"):
         pipeline.run_finetune(cfg, variants, resume=args.resume)
-    cfg.save(args.out / "config.json")
+    if distributed.is_main_process():
+        cfg.save(args.out / "config.json")
     if args.command in ("evaluate", "run"):
         results = pipeline.run_evaluate(cfg)
-        print(format_table(results))
-        print(f"report: {args.out / 'report.md'}")
+        if distributed.is_main_process():
+            print(format_table(results))
+            print(f"report: {args.out / 'report.md'}")
+    # Every rank returns only after rank 0 has written its files.
+    distributed.barrier()
     logger.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
     return 0
 
@@ -420,6 +448,9 @@ def _needs_pretrain(command: str, variants: tuple[str, ...]) -> bool:
 
 
 def _log_to_file(path: Path) -> None:
+    # Under torchrun only rank 0 writes the run's log file.
+    if os.environ.get("RANK", "0") != "0":
+        return
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)

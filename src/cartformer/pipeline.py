@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from cartformer.config import ModelConfig, RunConfig, TrainConfig
 from cartformer.data.dataset import (
@@ -47,7 +47,7 @@ from cartformer.evaluation.report import (
     render_report,
 )
 from cartformer.model import Backbone, FinetuneModel, PretrainModel
-from cartformer.training import checkpoint
+from cartformer.training import checkpoint, distributed
 from cartformer.training.loop import StageResult, read_metrics, resolve_device, train_stage
 
 logger = logging.getLogger(__name__)
@@ -164,26 +164,43 @@ def _file_fingerprint(path: Path) -> dict[str, Any]:
 
 
 def make_loader(
-    dataset: PretrainDataset | FinetuneDataset, cfg: TrainConfig, shuffle: bool
+    dataset: PretrainDataset | FinetuneDataset,
+    cfg: TrainConfig,
+    shuffle: bool,
+    *,
+    shard: bool = False,
 ) -> DataLoader:
     """Build a data loader. A training loader batches users of similar history length in random
     order, within a budget of ``cfg.batch_tokens`` padded events (or ``cfg.batch_size`` users
-    when it is 0). An evaluation loader keeps the file order because the baselines use the same order."""
+    when it is 0). An evaluation loader keeps the file order because the baselines use the same order.
+
+    With ``shard`` in a process group of N processes, a training loader gives this rank its part
+    of each global batch. The global batches have N times the budget, so they are the batches of
+    one process with that budget. An evaluation loader gives this rank every N-th sample.
+    Without a group, ``shard`` changes nothing.
+    """
+    rank, world_size = (distributed.get_rank(), distributed.get_world_size()) if shard else (0, 1)
     common = {
         "collate_fn": collate,
         "num_workers": cfg.num_workers,
         "persistent_workers": cfg.num_workers > 0,
+        "pin_memory": resolve_device(cfg.device).type == "cuda",
     }
+    lengths = dataset.history_lengths
     if shuffle:
         if cfg.batch_tokens > 0:
             sampler: Sampler[list[int]] = TokenBudgetBatchSampler(
-                dataset.history_lengths, cfg.batch_tokens, seed=cfg.seed
+                lengths, cfg.batch_tokens * world_size, seed=cfg.seed
             )
         else:
-            sampler = LengthBucketBatchSampler(
-                dataset.history_lengths, cfg.batch_size, seed=cfg.seed
-            )
+            sampler = LengthBucketBatchSampler(lengths, cfg.batch_size * world_size, seed=cfg.seed)
+        if world_size > 1:
+            sampler = distributed.ShardedBatchSampler(sampler, lengths, rank, world_size)
         return DataLoader(dataset, batch_sampler=sampler, **common)
+    if world_size > 1:
+        indices = distributed.shard_indices(len(dataset), rank, world_size).tolist()
+        batches = BatchSampler(indices, cfg.batch_size, drop_last=False)
+        return DataLoader(dataset, batch_sampler=batches, **common)
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, **common)
 
 
@@ -194,19 +211,23 @@ def make_loader(
 def validate_pretrain(
     model: torch.nn.Module, loader: Any, device: torch.device
 ) -> dict[str, float]:
-    """Mean pretrain losses over all predicted events of ``loader``."""
+    """Mean pretrain losses over all predicted events of ``loader``.
+
+    In a process group, the sums are added up over the ranks' loaders, so every rank returns the
+    means over all their events. Every rank must call this.
+    """
     model.eval()
-    sums = {"loss": 0.0, "retrieval_loss": 0.0, "feedback_loss": 0.0}
-    count = 0
+    names = ("loss", "retrieval_loss", "feedback_loss")
+    # (len(names) + 1,) float64: the loss sums weighted by predictions, then the prediction count.
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
     for batch in loader:
-        output = model(move_to_device(batch, device))
-        n = int(output["num_predictions"])
-        for name in sums:
-            sums[name] += float(output[name]) * n
-        count += n
+        output = model(move_to_device(batch, device, non_blocking=device.type == "cuda"))
+        weight = output["loss_weight"].double()
+        sums += torch.stack([output[name].double() * weight for name in names] + [weight])
+    *totals, count = distributed.all_reduce_sum(sums).tolist()
     if count == 0:
         raise ValueError("pretrain validation has no predicted events; check the prepared data")
-    return {name: total / count for name, total in sums.items()}
+    return {name: total / count for name, total in zip(names, totals, strict=True)}
 
 
 def build_pretrain_model(model_cfg: ModelConfig) -> PretrainModel:
@@ -225,10 +246,13 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
     torch.manual_seed(cfg.pretrain.seed)
     model = build_pretrain_model(cfg.model)
     train = make_loader(
-        PretrainDataset(layout.prepared / "pretrain_train.parquet"), cfg.pretrain, True
+        PretrainDataset(layout.prepared / "pretrain_train.parquet"), cfg.pretrain, True, shard=True
     )
     valid = make_loader(
-        PretrainDataset(layout.prepared / "pretrain_valid.parquet"), cfg.pretrain, False
+        PretrainDataset(layout.prepared / "pretrain_valid.parquet"),
+        cfg.pretrain,
+        False,
+        shard=True,
     )
     return train_stage(
         model,
@@ -249,40 +273,72 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
 # --- finetune ------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def predict_finetune(
     model: torch.nn.Module, loader: Any, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Score every candidate of ``loader`` in order.
 
     Returns:
-        logits (C,), targets (C,), request lengths (R,) and the mean loss over batches.
+        logits (C,), targets (C,), request lengths (R,) and the mean loss over the ordered pairs
+        of all batches (0 when there is no pair).
     """
+    logits, targets, lengths, loss_sum, num_pairs = _score_finetune(model, loader, device)
+    if lengths.size == 0:
+        raise ValueError("finetune validation is empty; check the prepared data")
+    return logits, targets, lengths, loss_sum / max(num_pairs, 1.0)
+
+
+@torch.inference_mode()
+def _score_finetune(
+    model: torch.nn.Module, loader: Any, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Return logits (C,), targets (C,), request lengths (R,), the pair loss sum and the number
+    of ordered pairs of ``loader``. An empty loader gives empty arrays."""
     model.eval()
-    logits, targets, lengths, losses = [], [], [], []
+    logits, targets, lengths = [], [], []
+    # (2,) float64: the loss summed over ordered pairs, then the number of pairs.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
-        batch = move_to_device(batch, device)
+        batch = move_to_device(batch, device, non_blocking=device.type == "cuda")
         output = model(batch)
         logits.append(output["logits"].float().cpu().numpy())
         targets.append(batch["candidates"]["target"].cpu().numpy())
         lengths.append(batch["requests"]["lengths"].cpu().numpy())
-        losses.append(float(output["loss"]))
-    if not logits:
-        raise ValueError("finetune validation is empty; check the prepared data")
+        weight = output["loss_weight"].double()
+        sums += torch.stack([output["loss"].double() * weight, weight])
+    loss_sum, num_pairs = sums.tolist()
+    if not lengths:
+        empty = np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.float32), empty, empty, loss_sum, num_pairs
     return (
         np.concatenate(logits),
         np.concatenate(targets),
         np.concatenate(lengths),
-        float(np.mean(losses)),
+        loss_sum,
+        num_pairs,
     )
 
 
 def validate_finetune(
     model: torch.nn.Module, loader: Any, device: torch.device
 ) -> dict[str, float]:
-    """Validation loss and NDCG@10 averaged over requests with more than one product."""
-    logits, targets, lengths, loss = predict_finetune(model, loader, device)
-    return {"loss": loss, "ndcg10": mean_ndcg(logits, targets, lengths)}
+    """Validation loss (mean over ordered pairs) and NDCG@10 averaged over requests with more
+    than one product.
+
+    In a process group, the per-request NDCG@10 and the loss are summed over the ranks' loaders,
+    so every rank returns the metrics of all requests. Every rank must call this.
+    """
+    logits, targets, lengths, loss_sum, num_pairs = _score_finetune(model, loader, device)
+    scored = ndcg_at_k(logits, targets, lengths, k=10)[lengths > 1] if lengths.size else lengths
+    totals = torch.tensor(
+        [float(scored.sum()), scored.size, loss_sum, num_pairs], dtype=torch.float64, device=device
+    )
+    ndcg_sum, num_scored, loss_sum, num_pairs = distributed.all_reduce_sum(totals).tolist()
+    if num_scored == 0:
+        raise ValueError(
+            "finetune validation has no request with more than one product; check the prepared data"
+        )
+    return {"loss": loss_sum / max(num_pairs, 1.0), "ndcg10": ndcg_sum / num_scored}
 
 
 def mean_ndcg(scores: np.ndarray, targets: np.ndarray, lengths: np.ndarray) -> float:
@@ -332,8 +388,8 @@ def run_finetune(
         model = build_finetune_model(cfg, variant)
         results[variant] = train_stage(
             model,
-            make_loader(train_set, cfg.finetune, True),
-            make_loader(valid_set, cfg.finetune, False),
+            make_loader(train_set, cfg.finetune, True, shard=True),
+            make_loader(valid_set, cfg.finetune, False, shard=True),
             validate_finetune,
             cfg.finetune,
             stage_dir,
@@ -418,9 +474,13 @@ def device_for(cfg: RunConfig) -> torch.device:
 # --- evaluate ------------------------------------------------------------------------------------
 
 
+@distributed.main_process_only(default=list)
 def run_evaluate(cfg: RunConfig) -> list[MethodResult]:
     """Score the validation requests with every finetuned variant, the baselines and the oracle,
-    then write RUN/evaluation/ and RUN/report.md."""
+    then write RUN/evaluation/ and RUN/report.md.
+
+    In a process group only rank 0 evaluates; the other ranks wait for it and return [].
+    """
     layout = RunLayout(cfg.out_dir)
     meta = load_meta(layout)
     model_config_from_meta(cfg.model, meta)

@@ -74,18 +74,24 @@ class _MatmulLogSumExp(torch.autograd.Function):
         queries, keys, bias, result = ctx.saved_tensors
         block_rows = ctx.block_rows
         needs_queries, needs_keys, needs_bias = ctx.needs_input_grad[:3]
+        # One extra column folds the row's -logsumexp into the block's matmul:
+        # [q_p, -lse_p] . [k_j, 1] + b_j = <q_p, k_j> + b_j - lse_p, so exp of the block is the
+        # softmax with a single elementwise pass.
+        shifted_queries = torch.cat([queries, -result[:, None]], dim=1)
+        shifted_keys = torch.cat([keys, keys.new_ones(keys.shape[0], 1)], dim=1)
+        weighted_queries = queries * grad[:, None]
         grad_queries = torch.empty_like(queries) if needs_queries else None
         grad_keys = torch.zeros_like(keys) if needs_keys else None
         grad_bias = torch.zeros_like(bias) if needs_bias else None
         for start in range(0, queries.shape[0], block_rows):
             rows = slice(start, start + block_rows)
-            block = torch.addmm(bias, queries[rows], keys.T)
-            # weights[p, j] = g_p * softmax_j, computed in place on the block.
-            block.sub_(result[rows, None]).exp_().mul_(grad[rows, None])
+            softmax = torch.addmm(bias, shifted_queries[rows], shifted_keys.T).exp_()
+            # The row weights g_p multiply the (rows, D) results, not the (rows, M) block.
             if grad_queries is not None:
-                torch.mm(block, keys, out=grad_queries[rows])
+                torch.mm(softmax, keys, out=grad_queries[rows])
+                grad_queries[rows] *= grad[rows, None]
             if grad_keys is not None:
-                grad_keys.addmm_(block.T, queries[rows])
+                grad_keys.addmm_(softmax.T, weighted_queries[rows])
             if grad_bias is not None:
-                grad_bias.add_(block.sum(dim=0))
+                grad_bias.addmv_(softmax.T, grad[rows])
         return grad_queries, grad_keys, grad_bias, None

@@ -3,6 +3,10 @@
 The loop is shared by pretraining and finetuning. A stage differs only in its model, its data
 loaders and its ``validate`` function, which returns the epoch's validation metrics; one of them
 (``monitor``) decides the best epoch.
+
+Under torchrun (see ``cartformer.training.distributed``) every process runs this loop on its
+part of each global batch, with the model wrapped in ``DistributedDataParallel``. Only rank 0
+writes checkpoints, ``metrics.jsonl`` and ``trainer_state.json``.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from cartformer.config import TrainConfig
 from cartformer.data.dataset import move_to_device
-from cartformer.training import checkpoint
+from cartformer.training import checkpoint, distributed
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_amp(amp: str, device: torch.device) -> bool:
+    """Decide whether training on ``device`` runs under bf16 autocast.
+
+    ``amp`` is ``"auto"`` (on for CUDA devices with bf16 support, off otherwise), ``"bf16"``
+    (on, on any device that autocast supports, the CPU included) or ``"off"``.
+    """
+    if amp == "off":
+        return False
+    if amp not in ("auto", "bf16"):
+        raise ValueError(f"invalid --amp {amp!r}: use auto, bf16 or off")
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if amp == "auto":
+        return cuda_bf16
+    # NOTE: bf16 autocast has run only on the CPU here; the CUDA path is written but never run.
+    if device.type == "cuda" and not cuda_bf16:
+        raise ValueError(f"--amp bf16: {device} does not support bfloat16; use --amp off")
+    return True
+
+
 def train_stage(
     model: torch.nn.Module,
     train_loader: Iterable[Batch],
@@ -72,13 +96,24 @@ def train_stage(
 
     Every epoch appends one JSON line to ``stage_dir/metrics.jsonl``, saves ``last.*`` for resume
     and, when ``monitor`` improves (``mode`` is ``"min"`` or ``"max"``), ``best.safetensors``.
+    The forward passes of training run under bf16 autocast when ``cfg.amp`` turns it on (see
+    :func:`resolve_amp`), and ``validate`` runs in float32.
+
+    In a process group of several processes, ``train_loader`` must give every rank the same
+    number of steps (``ShardedBatchSampler`` does), and ``validate`` must return the same
+    metrics on every rank, so that all ranks stop at the same epoch.
     """
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     model.to(device)
+    use_amp = resolve_amp(cfg.amp, device)
+    is_main = distributed.is_main_process()
+    logger.info(
+        "%s: training on %s, bf16 autocast %s", stage_name, device, "on" if use_amp else "off"
+    )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LinearLR(
@@ -111,16 +146,21 @@ def train_stage(
         state["finished"] = False
         state["inputs_fingerprint"] = inputs_fingerprint
         logger.info("%s: resuming after epoch %d", stage_name, state["epoch"])
-    else:
+    elif is_main:
         metrics_path.unlink(missing_ok=True)
+    # The other ranks read metrics.jsonl only after rank 0 has removed a stale one.
+    distributed.barrier()
 
+    trained_model = _wrap_for_group(model, device)
     history = read_metrics(metrics_path)
     stopped_early = state["bad_epochs"] >= cfg.patience
     while not state["finished"] and state["epoch"] < cfg.max_epochs and not stopped_early:
         epoch = state["epoch"] + 1
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_metrics = _train_epoch(model, train_loader, optimizer, cfg, device, stage_name, epoch)
+        train_metrics = _train_epoch(
+            trained_model, train_loader, optimizer, cfg, device, stage_name, epoch, use_amp
+        )
         scheduler.step()
         valid_metrics = validate(model, valid_loader, device)
 
@@ -133,21 +173,27 @@ def train_stage(
         )
         if improved:
             state.update(best_metric=value, best_epoch=epoch, bad_epochs=0)
-            checkpoint.save_weights(model, stage_dir / "best.safetensors", model_config)
+            if is_main:
+                checkpoint.save_weights(model, stage_dir / "best.safetensors", model_config)
         else:
             state["bad_epochs"] += 1
         record["best"] = improved
         history.append(record)
-        with metrics_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if is_main:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
         logger.info("%s epoch %d: %s", stage_name, epoch, _format_metrics(record))
 
         state["epoch"] = epoch
         stopped_early = state["bad_epochs"] >= cfg.patience
-        _save_last(model, optimizer, scheduler, state, stage_dir, model_config)
+        if is_main:
+            _save_last(model, optimizer, scheduler, state, stage_dir, model_config)
 
     state["finished"] = True
-    _save_last(model, optimizer, scheduler, state, stage_dir, model_config)
+    if is_main:
+        _save_last(model, optimizer, scheduler, state, stage_dir, model_config)
+    # Every rank loads the best weights that rank 0 wrote.
+    distributed.barrier()
     checkpoint.load_weights(model, stage_dir / "best.safetensors")
     return StageResult(
         best_epoch=state["best_epoch"],
@@ -158,6 +204,18 @@ def train_stage(
     )
 
 
+def _wrap_for_group(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Wrap ``model`` in DistributedDataParallel in a group of several processes.
+
+    The wrapper shares the parameters of ``model``, so the optimizer, checkpoints and validation
+    keep using ``model`` itself.
+    """
+    if distributed.get_world_size() <= 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
 def _train_epoch(
     model: torch.nn.Module,
     loader: Iterable[Batch],
@@ -166,32 +224,86 @@ def _train_epoch(
     device: torch.device,
     stage_name: str,
     epoch: int,
+    use_amp: bool,
 ) -> dict[str, float]:
+    """Train one epoch; return every ``*loss`` output averaged over the epoch's predictions.
+
+    A batch's losses are means over its ``loss_weight`` predictions (events or pairs), so the
+    epoch's mean weighs each batch by ``loss_weight``, summed over all ranks.
+    """
     model.train()
-    totals: dict[str, float] = {}
+    world_size = distributed.get_world_size()
+    non_blocking = device.type == "cuda"
+    names: list[str] = []
+    weighted_sums: list[float] = []
+    total_weight = 0.0
     steps = 0
-    progress = tqdm(loader, desc=f"{stage_name} epoch {epoch}", leave=False, disable=None)
+    progress = tqdm(
+        loader,
+        desc=f"{stage_name} epoch {epoch}",
+        leave=False,
+        disable=None if distributed.is_main_process() else True,
+    )
     for batch in progress:
-        batch = move_to_device(batch, device)
-        output = model(batch)
-        loss = output["loss"]
-        if not torch.isfinite(loss):
+        batch = move_to_device(batch, device, non_blocking=non_blocking)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            output = model(batch)
+        if "loss_weight" not in output:
+            raise ValueError(
+                f"{stage_name}: the model output has no 'loss_weight' (the number of "
+                "predictions behind its mean loss), which training needs to weigh batches"
+            )
+        if not names:
+            names = [name for name in output if name.endswith("loss")]
+            weighted_sums = [0.0] * len(names)
+        loss = output["loss"].float()
+        weight = output["loss_weight"].detach().float()
+        # One host sync per step for the finiteness check, the metrics and the progress bar.
+        values = torch.stack([output[name].detach().float() for name in names] + [weight])
+        *losses, batch_weight = values.tolist()
+        if not math.isfinite(losses[names.index("loss")]):
             raise FloatingPointError(
-                f"{stage_name} epoch {epoch}: loss is {loss.item()}; lower --lr or check the data"
+                f"{stage_name} epoch {epoch}: loss is {losses[names.index('loss')]}; lower --lr "
+                "or check the data"
             )
         optimizer.zero_grad(set_to_none=True)
+        if world_size > 1:
+            loss = loss * _rank_loss_scale(weight, world_size)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        for name, value in output.items():
-            if name.endswith("loss"):
-                totals[name] = totals.get(name, 0.0) + float(value.detach())
+        for index, value in enumerate(losses):
+            weighted_sums[index] += value * batch_weight
+        total_weight += batch_weight
         steps += 1
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        progress.set_postfix(loss=f"{losses[names.index('loss')]:.4f}")
     if steps == 0:
         raise ValueError(f"{stage_name}: the training set is empty; check the prepared samples")
-    return {name: total / steps for name, total in totals.items()}
+    totals = torch.tensor([*weighted_sums, total_weight], dtype=torch.float64, device=device)
+    *sums, weight_sum = distributed.all_reduce_sum(totals).tolist()
+    if weight_sum == 0:
+        logger.warning(
+            "%s epoch %d: no batch had a prediction, so no training loss", stage_name, epoch
+        )
+        return {name: math.nan for name in names}
+    return {name: total / weight_sum for name, total in zip(names, sums, strict=True)}
+
+
+def _rank_loss_scale(weight: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Return the factor that makes DDP's gradient that of the whole global batch's mean loss.
+
+    A rank's loss is a mean over its ``weight`` predictions, and DDP averages the gradients of
+    the ranks. Scaling each rank's loss by ``weight * world_size / global weight`` turns that
+    average into the gradient of the mean over all predictions of the global batch. A global
+    batch without predictions gets a scale of 0, and so zero gradients, like a single process.
+    This holds for losses that are means of per-prediction terms. The sampled softmax is not one:
+    its in-batch negatives come from each rank's part only.
+    """
+    global_weight = distributed.all_reduce_sum(weight.clone())
+    # Weights are non-negative, so a zero global weight means a zero weight here. The clamp
+    # turns 0 / 0 into 0, not NaN, without a host sync.
+    return weight * world_size / global_weight.clamp(min=torch.finfo(weight.dtype).tiny)
 
 
 def _save_last(
