@@ -47,6 +47,7 @@ from cartformer.evaluation.report import (
     render_report,
 )
 from cartformer.model import Backbone, FinetuneModel, PretrainModel
+from cartformer.model.pretrain import count_target_products
 from cartformer.training import checkpoint, distributed
 from cartformer.training.loop import StageResult, read_metrics, resolve_device, train_stage
 
@@ -230,8 +231,16 @@ def validate_pretrain(
     return {name: total / count for name, total in zip(names, totals, strict=True)}
 
 
-def build_pretrain_model(model_cfg: ModelConfig) -> PretrainModel:
-    return PretrainModel(Backbone(model_cfg), model_cfg)
+def build_pretrain_model(
+    model_cfg: ModelConfig, train_set: PretrainDataset | None = None
+) -> PretrainModel:
+    """Build a pretrain model. ``train_set`` supplies the product counts among the training
+    targets that the sampled softmax's logQ correction needs; a model about to load a
+    checkpoint gets them from the checkpoint instead."""
+    target_counts = None
+    if train_set is not None and model_cfg.softmax == "sampled":
+        target_counts = count_target_products(train_set, model_cfg.num_products)
+    return PretrainModel(Backbone(model_cfg), model_cfg, target_counts)
 
 
 def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
@@ -244,10 +253,9 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
         logger.info("pretrain: reusing %s", layout.pretrain)
         return None
     torch.manual_seed(cfg.pretrain.seed)
-    model = build_pretrain_model(cfg.model)
-    train = make_loader(
-        PretrainDataset(layout.prepared / "pretrain_train.parquet"), cfg.pretrain, True, shard=True
-    )
+    train_set = PretrainDataset(layout.prepared / "pretrain_train.parquet")
+    model = build_pretrain_model(cfg.model, train_set)
+    train = make_loader(train_set, cfg.pretrain, True, shard=True)
     valid = make_loader(
         PretrainDataset(layout.prepared / "pretrain_valid.parquet"),
         cfg.pretrain,
