@@ -35,7 +35,9 @@ class ModelConfig:
     num_heads: int = 2
     num_layers: int = 2
     dropout: float = 0.1
-    attention_dropout: float | None = None  # None: the same as dropout, as in torch's layer
+    # Dropout on attention weights. 0 lets SDPA use its fused causal kernel on the CPU, about
+    # 1.5x faster per finetune step; None ties it to dropout as torch's encoder layer does.
+    attention_dropout: float | None = 0.0
     max_seq_len: int = 512
     num_products: int = 0
     num_sources: int = 0
