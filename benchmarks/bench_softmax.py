@@ -29,9 +29,10 @@ environment sets it. With the default busy-waiting barrier, on a 2-core machine 
 process kept a core busy, the 2,000-product head case took about 17 times more CPU time (1.1 s
 against 63 ms per step in the torch profiler, torch 2.13 CPU).
 
-A full-softmax case whose logits would take more than `--max-logits-gib` is skipped: P x M
-float32 logits with their copy and gradients need several times that memory, and the 1M
-catalogue at P = 4096 would need about 15 GiB for one copy.
+A full-softmax case whose P x M float32 logits would take more than `--max-logits-gib` is
+skipped to bound the run time. Both softmaxes compute their logits blockwise
+(`cartformer.model.kernels.matmul_logsumexp`), so memory no longer grows with P x M, but the
+time still does: the 1M catalogue at P = 4096 is 15.3 GiB of logits.
 """
 
 from __future__ import annotations
