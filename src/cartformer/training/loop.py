@@ -116,8 +116,11 @@ def train_stage(
     )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # LinearLR applies start_factor in the first epoch even with total_iters=0, so no warm-up
+    # means a start factor of 1.
+    start_factor = cfg.warmup_start_factor if cfg.warmup_epochs > 0 else 1.0
     scheduler = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=cfg.warmup_start_factor, total_iters=cfg.warmup_epochs
+        optimizer, start_factor=start_factor, total_iters=cfg.warmup_epochs
     )
 
     state_path = stage_dir / "trainer_state.json"
