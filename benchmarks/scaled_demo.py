@@ -1,6 +1,6 @@
 """Write a demo file with k times the users of the full-size demo, for preparation scaling runs.
 
-The products, stores, cities and surfaces stay those of the full size; only the number of
+The products, stores, cities and surfaces stay those of the full size. Only the number of
 shoppers, and with it the number of rows, grows k times.
 
 Usage:

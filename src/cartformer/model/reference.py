@@ -2,10 +2,10 @@
 benchmarks.
 
 It computes what `Backbone` and `PretrainModel` compute, with the same weights, the way a plain
-notebook would: every feature is padded to (B, L) first, each layer runs attention with an
-explicit causal and key-padding mask and its feed-forward on all B * L positions, and the
-pretraining heads score every position against the catalogue before the padded and
-non-predicted positions are masked out of the loss. Tests check that the fast model matches it;
+notebook would. Every feature is padded to (B, L) first. Each layer runs attention with an
+explicit causal and key-padding mask and its feed-forward on all B * L positions. The
+pretraining heads score every position against the catalogue, and only then are the padded
+and non-predicted positions masked out of the loss. Tests check that the fast model matches it;
 `benchmarks/bench_train.py` measures how much faster the fast model is.
 """
 
@@ -54,7 +54,7 @@ def padded_states(backbone: Backbone, history: Mapping[str, Tensor]) -> tuple[Te
 
 
 def _padded_layer(layer: CausalEncoderLayer, x: Tensor, attend: Tensor) -> Tensor:
-    """(B, L, D) tokens and a (B, 1, L, L) bool mask, True where a query sees a key -> (B, L, D)."""
+    """(B, L, D) tokens and a (B, 1, L, L) bool mask, True where a query attends to a key -> (B, L, D)."""
     batch, length, dim = x.shape
     head_dim = dim // layer.num_heads
     qkv = layer.in_proj(x).view(batch, length, 3, layer.num_heads, head_dim)
