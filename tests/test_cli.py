@@ -74,7 +74,7 @@ def test_config_written_by_stage(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", ["demo-data", "prepare", "pretrain", "finetune", "evaluate", "run"]
+    "command", ["demo-data", "prepare", "pretrain", "finetune", "evaluate", "run", "ablation"]
 )
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -94,3 +94,58 @@ def test_data_path_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = resolve_config(parse("prepare", "--out", "run", "--data", "train.parquet"))
     assert cfg.data_path == str(tmp_path / "train.parquet")
+
+
+def test_feature_options_reach_config(tmp_path):
+    args = parse(
+        "run",
+        "--out",
+        str(tmp_path),
+        "--categorical-features",
+        "--text-features",
+        "--no-time-features",
+        "--cross-layers",
+        "1",
+        "--utc-offset-hours",
+        "5.5",
+        "--tokenizer",
+        "some/dir",
+        "--text-vocab-size",
+        "500",
+    )
+    cfg = resolve_config(args)
+    assert cfg.model.use_categorical
+    assert cfg.model.use_text
+    assert not cfg.model.use_time
+    assert cfg.model.cross_layers == 1
+    assert cfg.model.utc_offset_hours == 5.5
+    assert cfg.data.tokenizer == "some/dir"
+    assert cfg.data.text_vocab_size == 500
+
+
+def test_features_off_by_default(tmp_path):
+    cfg = resolve_config(parse("run", "--out", str(tmp_path)))
+    assert not (cfg.model.use_categorical or cfg.model.use_text or cfg.model.use_time)
+
+
+def test_ablation_arm_names_match():
+    from cartformer.ablation import ABLATION_ARMS
+    from cartformer.cli import ABLATION_ARM_NAMES
+
+    assert tuple(ABLATION_ARMS) == ABLATION_ARM_NAMES
+
+
+def test_ablation_options_reach_config(tmp_path):
+    args = parse(
+        "ablation", "--out", str(tmp_path), "--pretrain-epochs", "2", "--arms", "id-only", "all"
+    )
+    cfg = resolve_config(args)
+    assert cfg.pretrain.max_epochs == 2
+    assert args.arms == ["id-only", "all"]
+
+
+def test_invalid_utc_offset_not_saved(tmp_path, capsys):
+    code = main(["pretrain", "--out", str(tmp_path), "--utc-offset-hours", "30"])
+    assert code == 2
+    assert "--utc-offset-hours" in capsys.readouterr().err
+    assert not (tmp_path / "config.json").exists()

@@ -1,12 +1,21 @@
 """End-to-end runs of the CLI on the tiny demo: every stage, reuse, resume and the report."""
 
 import json
+import logging
 
 import polars as pl
 import pytest
 
 from cartformer.cli import main
+from cartformer.config import RunConfig
 from cartformer.data.demo import write_demo
+from cartformer.pipeline import (
+    SIDE_FEATURE_FIELDS,
+    RunLayout,
+    load_meta,
+    model_config_from_meta,
+    stage_fingerprint,
+)
 
 FAST = ["--embedding-dim", "16", "--max-history", "64", "--device", "cpu"]
 
@@ -137,3 +146,120 @@ def test_prepare_rejects_too_short_span(tmp_path, demo_file, capsys):
     assert code == 2
     assert "pretrain_train_users" in err
     assert len(err.splitlines()) == 1
+
+
+# --- side features -------------------------------------------------------------------------------
+
+FEATURES = ["--categorical-features", "--text-features", "--time-features"]
+
+
+@pytest.mark.slow
+def test_missing_optional_columns_run_id_only(tmp_path, demo_file, caplog):
+    frame = pl.read_parquet(demo_file).drop(
+        "city_name", "store_id", "product_name", "product_category"
+    )
+    ids_only = tmp_path / "ids_only.parquet"
+    frame.write_parquet(ids_only)
+    out = tmp_path / "run"
+    caplog.set_level("WARNING")
+    args = ["run", "--data", str(ids_only), "--out", str(out), "--variants", "scratch"]
+    code = main([*args, "--pretrain-epochs", "1", "--finetune-epochs", "1", *FAST, *FEATURES])
+    assert code == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("has no column(s)" in w and "store_id" in w for w in warnings)
+    assert any("categorical features are off" in w for w in warnings)
+    assert any("text features are off" in w for w in warnings)
+    assert all(len(w.splitlines()) == 1 for w in warnings)
+    config = json.loads((out / "config.json").read_text())["model"]
+    assert not config["use_categorical"]
+    assert not config["use_text"]
+    assert config["use_time"]
+
+
+@pytest.mark.slow
+def test_feature_run_scores_and_reuses(tmp_path, demo_file, caplog):
+    out = tmp_path / "run"
+    args = ["run", "--data", str(demo_file), "--out", str(out), "--variants", "scratch"]
+    epochs = ["--pretrain-epochs", "1", "--finetune-epochs", "1"]
+    assert main([*args, *epochs, *FAST, *FEATURES]) == 0
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert "finetune: scratch" in summary["methods"]
+    caplog.clear()
+    caplog.set_level("INFO")
+    assert main(["finetune", "--out", str(out), "--variants", "scratch"]) == 0
+    assert "finetune scratch: reusing" in caplog.text
+
+
+def strip_side_feature_keys(out):
+    """Make a run look like one written before side features existed."""
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in SIDE_FEATURE_FIELDS:
+        config["model"].pop(key, None)
+    for key in ("tokenizer", "text_vocab_size"):
+        config["data"].pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2))
+    meta_path = out / "prepared" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("features", None)
+    for key in ("tokenizer", "text_vocab_size"):
+        meta["config"].pop(key, None)
+    meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+
+def id_only_fingerprint(out):
+    cfg = RunConfig.load(out / "config.json")
+    cfg.out_dir = str(out)
+    for switch in ("use_categorical", "use_text", "use_time"):
+        setattr(cfg.model, switch, False)
+    layout = RunLayout(out)
+    model_config_from_meta(cfg.model, load_meta(layout))
+    return stage_fingerprint(cfg, layout, cfg.finetune, "scratch")
+
+
+@pytest.mark.slow
+def test_old_id_only_run_reused(tmp_path, demo_file, caplog):
+    """A run prepared and trained before side features existed keeps its stages, also after
+    its data gets side features for another model."""
+    out = tmp_path / "run"
+    args = ["run", "--data", str(demo_file), "--out", str(out), "--variants", "scratch"]
+    epochs = ["--pretrain-epochs", "1", "--finetune-epochs", "1"]
+    assert main(["prepare", "--data", str(demo_file), "--out", str(out), *FAST[2:4]]) == 0
+    strip_side_feature_keys(out)
+    assert main([*args, *epochs, *FAST]) == 0
+    strip_side_feature_keys(out)
+
+    caplog.clear()
+    caplog.set_level("INFO")
+    assert main(["run", "--out", str(out), "--variants", "scratch"]) == 0
+    assert "prepare: reusing" in caplog.text
+    assert "finetune scratch: reusing" in caplog.text
+
+    before = id_only_fingerprint(out)
+    caplog.clear()
+    assert main(["run", "--out", str(out), "--variants", "scratch", *FEATURES]) == 0
+    assert "building the side features" in caplog.text
+    assert id_only_fingerprint(out) == before
+
+    caplog.clear()
+    off = ["--no-text-features", "--no-categorical-features", "--no-time-features"]
+    assert main(["run", "--out", str(out), "--variants", "scratch", *off]) == 0
+    assert "prepare: reusing" in caplog.text
+
+
+@pytest.mark.slow
+def test_ablation_writes_table(tmp_path, demo_file):
+    out = tmp_path / "ablation"
+    args = ["ablation", "--data", str(demo_file), "--out", str(out), "--arms", "id-only", "all"]
+    epochs = ["--pretrain-epochs", "1", "--finetune-epochs", "1"]
+    assert main([*args, *epochs, *FAST]) == 0
+    report = (out / "ablation.md").read_text()
+    assert "| id-only | none | pretrained-backbone |" in report
+    assert "| all | categorical, text, time | pretrained-backbone |" in report
+    summary = json.loads((out / "ablation.json").read_text())
+    arms = {row["arm"]: row for row in summary["arms"]}
+    assert arms["all"]["requests"] == arms["id-only"]["requests"]
+    assert arms["all"]["parameters"] > arms["id-only"]["parameters"]
+    assert arms["id-only"]["pretrain_valid_loss"] is not None
+    assert (out / "arms" / "all" / "prepared").is_symlink()
+    assert summary["preparation"]["timings"]["tokenize"] >= 0

@@ -21,6 +21,7 @@ from cartformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 logger = logging.getLogger("cartformer")
 
 DEMO_DATA_FILE = "demo/train.parquet"
+ABLATION_ARM_NAMES = ("id-only", "categorical", "text", "time", "all")
 
 # Training lengths for `run` on generated demo data when no epoch option is given: they keep the
 # whole demo within about ten minutes on two CPU cores. Real data uses the config defaults.
@@ -81,6 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(run, prefix="finetune-")
     _add_variants(run)
     run.add_argument("--resume", action="store_true", help="continue stopped training stages")
+
+    ablation = sub.add_parser(
+        "ablation",
+        help="train the same run with each side-feature group (city and store, product texts, "
+        "time) in turn and write ablation.md; generates demo data without --data",
+    )
+    _add_out(ablation)
+    _add_data_options(ablation, data_required=False)
+    _add_demo_options(ablation)
+    _add_oracle(ablation)
+    _add_model_options(ablation)
+    _add_train_options(ablation, prefix="pretrain-")
+    _add_train_options(ablation, prefix="finetune-")
+    ablation.add_argument(
+        "--arms",
+        nargs="+",
+        choices=tuple(ABLATION_ARM_NAMES),
+        help="arms to train (default: all five)",
+    )
+    ablation.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("scratch", "pretrained-backbone", "pretrained-backbone-heads"),
+        help="finetune initializations to train per arm (default: pretrained-backbone)",
+    )
+    ablation.add_argument("--resume", action="store_true", help="continue stopped training stages")
     _show_config_defaults(sub.choices.values())
 
     from cartformer.inference.commands import add_parsers
@@ -102,6 +129,10 @@ def _show_config_defaults(parsers: Iterable[argparse.ArgumentParser]) -> None:
         "lag_min_days": data.lag_min_days,
         "lag_max_days": data.lag_max_days,
         "data_seed": data.seed,
+        "tokenizer": "train WordPiece on the training period's texts",
+        "text_vocab_size": data.text_vocab_size,
+        "cross_layers": model.cross_layers,
+        "utc_offset_hours": model.utc_offset_hours,
         "embedding_dim": model.embedding_dim,
         "num_heads": model.num_heads,
         "num_layers": model.num_layers,
@@ -182,6 +213,15 @@ def _add_data_options(parser: argparse.ArgumentParser, data_required: bool) -> N
     group.add_argument(
         "--data-seed", type=int, help="seed of the lag draws and the random baseline"
     )
+    text = parser.add_argument_group("product texts (side features)")
+    text.add_argument(
+        "--tokenizer",
+        help="Hugging Face tokenizer of product_name and product_category: a hub name or a "
+        "local directory, loaded through transformers",
+    )
+    text.add_argument(
+        "--text-vocab-size", type=int, help="target vocabulary of the trained WordPiece tokenizer"
+    )
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +249,33 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--logq-correction",
         action=argparse.BooleanOptionalAction,
         help="correct the sampled softmax logits by the log sampling probability",
+    )
+    features = parser.add_argument_group("side features (default off: the id-only model)")
+    features.add_argument(
+        "--categorical-features",
+        action=argparse.BooleanOptionalAction,
+        help="embed the city and store of every event and request (needs city_name, store_id)",
+    )
+    features.add_argument(
+        "--text-features",
+        action=argparse.BooleanOptionalAction,
+        help="add product name and category token bags to the item encoder (needs "
+        "product_name, product_category)",
+    )
+    features.add_argument(
+        "--time-features",
+        action=argparse.BooleanOptionalAction,
+        help="embed hour of day, weekday, month and the log-bucketed gap to the previous event",
+    )
+    features.add_argument(
+        "--cross-layers",
+        type=int,
+        help="DCN cross layers that combine the item's id and text vectors",
+    )
+    features.add_argument(
+        "--utc-offset-hours",
+        type=float,
+        help="time zone of the hour, weekday and month features, in hours east of UTC",
     )
     _add_device(parser)
 
@@ -239,6 +306,11 @@ def _add_train_options(parser: argparse.ArgumentParser, prefix: str) -> None:
         help="bf16 autocast: auto is on for CUDA and off for CPU",
     )
     group.add_argument(f"--{prefix}lr", type=float, help="AdamW learning rate after warm-up")
+    group.add_argument(
+        f"--{prefix}warmup-epochs",
+        type=int,
+        help="epochs of linear warm-up from 0.1 x --lr; 0 starts at --lr",
+    )
     group.add_argument(f"--{prefix}num-workers", type=int, help="DataLoader worker processes")
     group.add_argument(f"--{prefix}seed", type=int, help="seed of weights init and shuffling")
 
@@ -266,14 +338,18 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     _set(cfg.data, args, valid_days="valid_days", gap_days="gap_days", min_history="min_history")
     _set(cfg.data, args, max_history="max_history", max_requests="max_requests")
     _set(cfg.data, args, lag_min_days="lag_min_days", lag_max_days="lag_max_days", seed="data_seed")
+    _set(cfg.data, args, tokenizer="tokenizer", text_vocab_size="text_vocab_size")
     if getattr(args, "max_history", None):
         cfg.model.max_seq_len = args.max_history
     _set(cfg.model, args, embedding_dim="embedding_dim", num_heads="num_heads")
     _set(cfg.model, args, num_layers="num_layers", dropout="dropout")
     _set(cfg.model, args, history_match="history_match", softmax="softmax")
     _set(cfg.model, args, num_negatives="num_negatives", logq_correction="logq_correction")
+    _set(cfg.model, args, use_categorical="categorical_features", use_text="text_features")
+    _set(cfg.model, args, use_time="time_features", cross_layers="cross_layers")
+    _set(cfg.model, args, utc_offset_hours="utc_offset_hours")
 
-    if args.command == "run":
+    if args.command in ("run", "ablation"):
         stages = {"pretrain_": cfg.pretrain, "finetune_": cfg.finetune}
     elif args.command in ("pretrain", "finetune"):
         stages = {"": getattr(cfg, args.command)}
@@ -284,6 +360,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         _set(train_cfg, args, batch_size=f"{prefix}batch_size", lr=f"{prefix}lr")
         _set(train_cfg, args, num_workers=f"{prefix}num_workers", seed=f"{prefix}seed")
         _set(train_cfg, args, batch_tokens=f"{prefix}batch_tokens", amp=f"{prefix}amp")
+        _set(train_cfg, args, warmup_epochs=f"{prefix}warmup_epochs")
     if getattr(args, "device", None):
         cfg.pretrain.device = cfg.finetune.device = args.device
     return cfg
@@ -372,11 +449,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         distributed.barrier()
     started = time.perf_counter()
 
-    if args.command == "run" and not cfg.data_path:
+    if args.command in ("run", "ablation") and not cfg.data_path:
         demo_path = args.out / DEMO_DATA_FILE
         if not demo_path.is_file() and distributed.is_main_process():
             logger.info(
-                "run: no --data given, generating the %s demo into %s", args.size, demo_path
+                "%s: no --data given, generating the %s demo into %s",
+                args.command,
+                args.size,
+                demo_path,
             )
             demo_path.parent.mkdir(parents=True, exist_ok=True)
             write_demo(demo_path, size=args.size, seed=args.demo_seed)
@@ -387,6 +467,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if distributed.is_main_process():
         cfg.save(args.out / "config.json")
 
+    if args.command == "ablation":
+        return _run_ablation(args, cfg, started)
     variants = tuple(getattr(args, "variants", None) or pipeline.FINETUNE_VARIANTS)
     if args.command in ("prepare", "run"):
         if distributed.is_main_process():
@@ -404,6 +486,26 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(format_table(results))
             print(f"report: {args.out / 'report.md'}")
     # Every rank returns only after rank 0 has written its files.
+    distributed.barrier()
+    logger.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
+    return 0
+
+
+def _run_ablation(args: argparse.Namespace, cfg: RunConfig, started: float) -> int:
+    from cartformer.ablation import DEFAULT_VARIANTS, run_ablation
+    from cartformer.evaluation.report import ablation_conclusion, format_ablation_table
+    from cartformer.training import distributed
+
+    arms = run_ablation(
+        cfg,
+        arms=tuple(args.arms or ABLATION_ARM_NAMES),
+        variants=tuple(args.variants or DEFAULT_VARIANTS),
+        resume=args.resume,
+    )
+    if distributed.is_main_process() and arms:
+        print(format_ablation_table(arms))
+        print(ablation_conclusion(arms))
+        print(f"report: {args.out / 'ablation.md'}")
     distributed.barrier()
     logger.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
     return 0
@@ -430,6 +532,8 @@ def _check_options(cfg: RunConfig) -> None:
                 "--epochs and --batch-size must be at least 1 and --lr positive, got "
                 f"{train_cfg.max_epochs}, {train_cfg.batch_size} and {train_cfg.lr}"
             )
+        if train_cfg.warmup_epochs < 0:
+            raise ValueError(f"--warmup-epochs must be 0 or more, got {train_cfg.warmup_epochs}")
         if train_cfg.batch_tokens < 0:
             raise ValueError(
                 f"--batch-tokens must be 0 (batch by users) or positive, got {train_cfg.batch_tokens}"
@@ -441,6 +545,13 @@ def _check_options(cfg: RunConfig) -> None:
             "--softmax must be full or sampled and --num-negatives at least 1, got "
             f"{cfg.model.softmax!r} and {cfg.model.num_negatives}"
         )
+    if cfg.model.cross_layers < 0 or not -24 < cfg.model.utc_offset_hours < 24:
+        raise ValueError(
+            "--cross-layers must be 0 or more and --utc-offset-hours inside (-24, 24), got "
+            f"{cfg.model.cross_layers} and {cfg.model.utc_offset_hours}"
+        )
+    if cfg.data.text_vocab_size < 1:
+        raise ValueError(f"--text-vocab-size must be at least 1, got {cfg.data.text_vocab_size}")
 
 
 def _needs_pretrain(command: str, variants: tuple[str, ...]) -> bool:

@@ -25,6 +25,11 @@ class DataConfig:
     lag_max_days: float = 32.0
     excluded_surfaces: tuple[str, ...] = ("ST_Catalog",)
     seed: int = 0
+    # Tokenizer of product_name and product_category: a Hugging Face hub name or local
+    # directory loaded through transformers, or "" to train WordPiece on the training period's
+    # product texts.
+    tokenizer: str = ""
+    text_vocab_size: int = 8192  # target vocabulary of the trained WordPiece tokenizer
 
 
 @dataclass
@@ -49,6 +54,16 @@ class ModelConfig:
     softmax: str = "full"  # pretrain retrieval loss: "full" catalogue or "sampled" negatives
     num_negatives: int = 4096  # uniform negatives per step of the sampled softmax
     logq_correction: bool = True  # subtract log sampling probability in the sampled softmax
+    # Side features, one switch per ablation group; all off is the id-only model.
+    use_categorical: bool = False  # city and store embeddings in the event and request context
+    use_text: bool = False  # product name and category token bags in the item encoder
+    use_time: bool = False  # hour, weekday, month and gap-to-previous-event embeddings
+    cross_layers: int = 2  # DCN cross layers that combine the item's id and text vectors
+    utc_offset_hours: float = 3.0  # time zone of hour, weekday and month: Moscow, UTC+3
+    num_gap_buckets: int = 64  # log buckets of the gap to the previous event, 0 = none
+    num_cities: int = 0  # vocabulary sizes of the side features, from the prepared data
+    num_stores: int = 0
+    num_text_tokens: int = 0
 
 
 @dataclass

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import polars as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from cartformer.config import ModelConfig, RunConfig, TrainConfig
+from cartformer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from cartformer.data.dataset import (
     FinetuneDataset,
     LengthBucketBatchSampler,
@@ -37,7 +38,8 @@ from cartformer.data.dataset import (
     move_to_device,
 )
 from cartformer.data.demo import oracle_path_for
-from cartformer.data.prepare import prepare
+from cartformer.data.prepare import SIDE_FEATURE_GROUPS, prepare
+from cartformer.data.side_features import load_product_text
 from cartformer.evaluation.baselines import compute_baseline_scores, load_validation_groups
 from cartformer.evaluation.metrics import ndcg_at_k
 from cartformer.evaluation.oracle import oracle_scores
@@ -47,6 +49,7 @@ from cartformer.evaluation.report import (
     render_report,
 )
 from cartformer.model import Backbone, FinetuneModel, PretrainModel
+from cartformer.model.layers import side_features
 from cartformer.model.pretrain import count_target_products
 from cartformer.training import checkpoint, distributed
 from cartformer.training.loop import StageResult, read_metrics, resolve_device, train_stage
@@ -87,21 +90,101 @@ def load_meta(layout: RunLayout) -> dict[str, Any]:
 
 
 def model_config_from_meta(cfg: ModelConfig, meta: dict[str, Any]) -> ModelConfig:
-    """Fill the vocabulary sizes of ``cfg`` from the prepared data's meta.json."""
+    """Fill the vocabulary sizes of ``cfg`` from the prepared data's meta.json.
+
+    A side feature that the prepared data lacks (the input had no such column, or the data was
+    prepared before side features existed) is switched off with one logged line.
+    """
     vocab = meta["vocab_sizes"]
     cfg.num_products = int(vocab["product"])
     cfg.num_sources = int(vocab["source"])
+    features = meta.get("features", {})
+    feature_vocab = features.get("vocab_sizes", {})
+    categorical = features.get("categorical", [])
+    cfg.num_cities = int(feature_vocab.get("city", 0)) if "city" in categorical else 0
+    cfg.num_stores = int(feature_vocab.get("store", 0)) if "store" in categorical else 0
+    cfg.num_text_tokens = int(feature_vocab.get("text_token", 0)) if features.get("text") else 0
+    if cfg.use_categorical and max(cfg.num_cities, cfg.num_stores) < 2:
+        logger.warning(
+            "the prepared data has no city or store values, so the categorical features are "
+            "off for this run (the input needs city_name or store_id)"
+        )
+        cfg.use_categorical = False
+    if cfg.use_text and cfg.num_text_tokens == 0:
+        logger.warning(
+            "the prepared data has no product texts, so the text features are off for this run "
+            "(the input needs product_name or product_category)"
+        )
+        cfg.use_text = False
     return cfg
+
+
+SIDE_FEATURE_SWITCHES = ("use_categorical", "use_text", "use_time")
+SIDE_FEATURE_FIELDS = (
+    *SIDE_FEATURE_SWITCHES,
+    "cross_layers",
+    "utc_offset_hours",
+    "num_gap_buckets",
+    "num_cities",
+    "num_stores",
+    "num_text_tokens",
+)
+"""ModelConfig fields of the side features. An id-only model ignores them, so they stay out
+of its stage fingerprint, which keeps the fingerprints of runs made before they existed."""
+
+
+def uses_side_features(cfg: ModelConfig) -> bool:
+    return any(getattr(cfg, name) for name in SIDE_FEATURE_SWITCHES)
+
+
+def prepared_groups(cfg: ModelConfig) -> tuple[str, ...]:
+    """Return the side-feature groups the prepare stage must build for a model of ``cfg``."""
+    groups = {"categorical": cfg.use_categorical, "text": cfg.use_text}
+    return tuple(group for group in SIDE_FEATURE_GROUPS if groups[group])
+
+
+# Data settings that only the text features read; an id-only stage ignores them.
+_TEXT_DATA_FIELDS = ("tokenizer", "text_vocab_size")
+
+
+def fingerprint_meta_text(layout: RunLayout, cfg: ModelConfig) -> str:
+    """Return the meta.json text that the stage fingerprint of a ``cfg`` model hashes.
+
+    A model with side features hashes the whole text. An id-only model hashes it without the
+    side features and the text settings, in the format of the file, so building side
+    features for another model, or a meta.json written before they existed, keeps its stages.
+    """
+    text = layout.meta.read_text()
+    if uses_side_features(cfg):
+        return text
+    meta = json.loads(text)
+    meta.pop("features", None)
+    for key in _TEXT_DATA_FIELDS:
+        meta.get("config", {}).pop(key, None)
+    return json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+
+
+def build_backbone(model_cfg: ModelConfig, prepared_dir: str | Path | None = None) -> Backbone:
+    """Build a backbone; with ``use_text`` its product token bags come from ``prepared_dir``."""
+    text_bags = None
+    if model_cfg.use_text:
+        if prepared_dir is None:
+            raise ValueError("a model with text features needs the prepared directory's texts")
+        text_bags = load_product_text(prepared_dir)
+    return Backbone(model_cfg, text_bags=text_bags)
 
 
 # --- prepare -------------------------------------------------------------------------------------
 
 
-def run_prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+def run_prepare(
+    cfg: RunConfig, force: bool = False, side_features: Collection[str] | None = None
+) -> dict[str, Any]:
     """Validate and prepare ``cfg.data_path`` into RUN/prepared.
 
-    An earlier result is reused when it was made from the same file (path, size and
-    modification time) with the same data config.
+    ``side_features`` lists the groups of `SIDE_FEATURE_GROUPS` to build, by default those
+    that ``cfg.model`` switches on. An earlier result is reused when it was made from the same
+    file (path, size and modification time) with the same data config and has those groups.
     """
     layout = RunLayout(cfg.out_dir)
     if not cfg.data_path:
@@ -118,14 +201,26 @@ def run_prepare(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         ) from error
     fingerprint = _file_fingerprint(data_path)
     data_config = json.loads(json.dumps(cfg.to_dict()["data"]))
+    groups = set(prepared_groups(cfg.model) if side_features is None else side_features)
     if layout.meta.is_file() and not force:
         meta = json.loads(layout.meta.read_text())
-        if meta.get("input_file") == fingerprint and meta.get("config") == data_config:
+        # Settings added since the directory was prepared count with their defaults.
+        defaults = json.loads(json.dumps(dataclasses.asdict(DataConfig())))
+        stored_config = {**defaults, **meta.get("config", {})}
+        same_input = meta.get("input_file") == fingerprint and stored_config == data_config
+        prepared = set(meta.get("features", {}).get("prepared", []))
+        if same_input and groups <= prepared:
             logger.info("prepare: reusing %s", layout.prepared)
             _check_samples_exist(meta)
             return meta
-        logger.info("prepare: the input file or the data config changed, preparing again")
-    meta = prepare(data_path, layout.prepared, cfg.data)
+        if same_input:
+            # Keep the groups built before, so that switching features back does not prepare
+            # the data once more.
+            groups |= prepared
+            logger.info("prepare: building the side features %s, preparing again", sorted(groups))
+        else:
+            logger.info("prepare: the input file or the data config changed, preparing again")
+    meta = prepare(data_path, layout.prepared, cfg.data, side_features=groups)
     meta["input_file"] = fingerprint
     checkpoint.write_json(layout.meta, meta)
     _check_samples_exist(meta)
@@ -232,15 +327,21 @@ def validate_pretrain(
 
 
 def build_pretrain_model(
-    model_cfg: ModelConfig, train_set: PretrainDataset | None = None
+    model_cfg: ModelConfig,
+    train_set: PretrainDataset | None = None,
+    prepared_dir: str | Path | None = None,
 ) -> PretrainModel:
-    """Build a pretrain model. ``train_set`` supplies the product counts among the training
-    targets that the sampled softmax's logQ correction needs; a model about to load a
-    checkpoint gets them from the checkpoint instead."""
+    """Build a pretrain model.
+
+    ``train_set`` supplies the product counts among the training targets that the sampled
+    softmax's logQ correction needs. A model about to load a checkpoint gets them from the
+    checkpoint instead. ``prepared_dir`` supplies the product texts of a model with text
+    features.
+    """
     target_counts = None
     if train_set is not None and model_cfg.softmax == "sampled":
         target_counts = count_target_products(train_set, model_cfg.num_products)
-    return PretrainModel(Backbone(model_cfg), model_cfg, target_counts)
+    return PretrainModel(build_backbone(model_cfg, prepared_dir), model_cfg, target_counts)
 
 
 def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
@@ -253,11 +354,12 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> StageResult | None:
         logger.info("pretrain: reusing %s", layout.pretrain)
         return None
     torch.manual_seed(cfg.pretrain.seed)
-    train_set = PretrainDataset(layout.prepared / "pretrain_train.parquet")
-    model = build_pretrain_model(cfg.model, train_set)
+    features = side_features(cfg.model)
+    train_set = PretrainDataset(layout.prepared / "pretrain_train.parquet", features)
+    model = build_pretrain_model(cfg.model, train_set, layout.prepared)
     train = make_loader(train_set, cfg.pretrain, True, shard=True)
     valid = make_loader(
-        PretrainDataset(layout.prepared / "pretrain_valid.parquet"),
+        PretrainDataset(layout.prepared / "pretrain_valid.parquet", features),
         cfg.pretrain,
         False,
         shard=True,
@@ -358,9 +460,9 @@ def build_finetune_model(cfg: RunConfig, variant: str) -> FinetuneModel:
     """Create a finetune model initialized as ``variant`` specifies."""
     if variant not in FINETUNE_VARIANTS:
         raise ValueError(f"unknown finetune variant {variant!r}; choose from {FINETUNE_VARIANTS}")
-    if variant == "scratch":
-        return FinetuneModel(Backbone(cfg.model), cfg.model)
     layout = RunLayout(cfg.out_dir)
+    if variant == "scratch":
+        return FinetuneModel(build_backbone(cfg.model, layout.prepared), cfg.model)
     best = layout.pretrain / "best.safetensors"
     if not best.is_file():
         raise FileNotFoundError(
@@ -368,7 +470,7 @@ def build_finetune_model(cfg: RunConfig, variant: str) -> FinetuneModel:
         )
     pretrain_config = stored_model_config(best)
     pretrain_config.history_match = cfg.model.history_match
-    pretrained = build_pretrain_model(pretrain_config)
+    pretrained = build_pretrain_model(pretrain_config, prepared_dir=layout.prepared)
     checkpoint.load_weights(pretrained, best)
     init = "backbone" if variant == "pretrained-backbone" else "backbone+heads"
     return FinetuneModel.from_pretrain(pretrained, init=init)
@@ -381,8 +483,9 @@ def run_finetune(
     layout = RunLayout(cfg.out_dir)
     meta = load_meta(layout)
     model_config_from_meta(cfg.model, meta)
-    train_set = FinetuneDataset(layout.prepared / "finetune_train.parquet")
-    valid_set = FinetuneDataset(layout.prepared / "finetune_valid.parquet")
+    features = side_features(cfg.model)
+    train_set = FinetuneDataset(layout.prepared / "finetune_train.parquet", features)
+    valid_set = FinetuneDataset(layout.prepared / "finetune_valid.parquet", features)
     results: dict[str, StageResult | None] = {}
     for variant in variants:
         stage_dir = layout.finetune(variant)
@@ -420,9 +523,10 @@ def _pretrain_fingerprint(layout: RunLayout) -> str:
 
 def load_finetuned(cfg: RunConfig, variant: str) -> FinetuneModel:
     """Load the best checkpoint of a finetune variant."""
-    path = RunLayout(cfg.out_dir).finetune(variant) / "best.safetensors"
+    layout = RunLayout(cfg.out_dir)
+    path = layout.finetune(variant) / "best.safetensors"
     model_config = stored_model_config(path)
-    model = FinetuneModel(Backbone(model_config), model_config)
+    model = FinetuneModel(build_backbone(model_config, layout.prepared), model_config)
     checkpoint.load_weights(model, path)
     return model
 
@@ -468,8 +572,11 @@ def stage_fingerprint(
         for key, value in dataclasses.asdict(train_cfg).items()
         if key not in ("max_epochs", "patience", "num_workers", "device")
     }
+    model = dataclasses.asdict(cfg.model)
+    if not uses_side_features(cfg.model):
+        model = {key: value for key, value in model.items() if key not in SIDE_FEATURE_FIELDS}
     payload = json.dumps(
-        [layout.meta.read_text(), dataclasses.asdict(cfg.model), optimization, *extra],
+        [fingerprint_meta_text(layout, cfg.model), model, optimization, *extra],
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -502,9 +609,16 @@ def run_evaluate(cfg: RunConfig) -> list[MethodResult]:
 
     results: list[MethodResult] = []
     device = device_for(cfg)
-    valid_set = FinetuneDataset(layout.prepared / "finetune_valid.parquet")
+    # Variants read the same file; each set of side features is loaded once.
+    valid_sets: dict[tuple[str, ...], FinetuneDataset] = {}
     for variant in finished_variants(cfg):
         model = load_finetuned(cfg, variant).to(device)
+        features = side_features(model.config)
+        if features not in valid_sets:
+            valid_sets[features] = FinetuneDataset(
+                layout.prepared / "finetune_valid.parquet", features
+            )
+        valid_set = valid_sets[features]
         logits, model_targets, model_lengths, _ = predict_finetune(
             model, make_loader(valid_set, cfg.finetune, shuffle=False), device
         )

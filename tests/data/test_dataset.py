@@ -231,3 +231,89 @@ def test_bucket_sampler_reduces_padding():
 def test_bucket_sampler_order_changes_per_epoch():
     sampler = LengthBucketBatchSampler(np.arange(64), batch_size=4, seed=0)
     assert list(sampler) != list(sampler)
+
+
+# --- side features -------------------------------------------------------------------------------
+
+PRETRAIN_SIDECAR = {
+    "user": ([3, 7, 9], pa.int32()),
+    "city": ([[1, 1, 1, 2, 2], [3, 3, 3], [1, 1, 1, 1, 1, 1]], I32),
+    "store": ([[4, 4, 5, 6, 6], [7, 7, 0], [4, 4, 4, 4, 4, 4]], I32),
+}
+FINETUNE_SIDECAR = {
+    "user": ([4, 8], pa.int32()),
+    "city": ([[1, 1, 1, 2, 2], [3, 3, 3, 3, 3, 3]], I32),
+    "store": ([[4, 4, 5, 6, 6], [7, 7, 7, 7, 7, 7]], I32),
+    "request_city": ([[2, 1], [3]], I32),
+    "request_store": ([[6, 0], [7]], I32),
+}
+
+
+def write_with_sidecar(directory, name, rows, sidecar, **replace):
+    path = write_table(directory / name, rows)
+    (directory / "features").mkdir(exist_ok=True)
+    write_table(directory / "features" / name, sidecar, **replace)
+    return path
+
+
+def test_pretrain_side_features(tmp_path):
+    path = write_with_sidecar(tmp_path, "p.parquet", PRETRAIN_ROWS, PRETRAIN_SIDECAR)
+    sample = PretrainDataset(path, ("timestamp", "store", "city"))[1]
+    history = sample["history"]
+    assert history["city"].tolist() == [3, 3, 3]
+    assert history["store"].tolist() == [7, 7, 0]
+    assert history["timestamp"].tolist() == [1, 2, 3]
+    assert history["city"].dtype == torch.int64
+
+
+def test_finetune_side_features(tmp_path):
+    path = write_with_sidecar(tmp_path, "f.parquet", FINETUNE_ROWS, FINETUNE_SIDECAR)
+    sample = FinetuneDataset(path, ("city", "store", "timestamp"))[0]
+    assert sample["history"]["store"].tolist() == [4, 4, 5, 6, 6]
+    assert sample["requests"]["city"].tolist() == [2, 1]
+    assert sample["requests"]["store"].tolist() == [6, 0]
+    assert sample["requests"]["timestamp"].tolist() == [60, 70]
+
+
+def test_side_features_collate(tmp_path):
+    path = write_with_sidecar(tmp_path, "f.parquet", FINETUNE_ROWS, FINETUNE_SIDECAR)
+    dataset = FinetuneDataset(path, ("city", "timestamp"))
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["history"]["city"].shape == batch["history"]["product"].shape
+    assert batch["requests"]["timestamp"].tolist() == [60, 70, 9]
+    assert "store" not in batch["requests"]
+
+
+def test_no_side_features_by_default(tmp_path):
+    path = write_with_sidecar(tmp_path, "p.parquet", PRETRAIN_ROWS, PRETRAIN_SIDECAR)
+    history = PretrainDataset(path)[0]["history"]
+    assert "city" not in history
+    assert "timestamp" not in history
+
+
+def test_missing_sidecar_named(tmp_path):
+    path = write_table(tmp_path / "p.parquet", PRETRAIN_ROWS)
+    with pytest.raises(FileNotFoundError, match="city_name and store_id"):
+        PretrainDataset(path, ("city",))
+
+
+def test_sidecar_other_users_rejected(tmp_path):
+    path = write_with_sidecar(
+        tmp_path, "p.parquet", PRETRAIN_ROWS, PRETRAIN_SIDECAR, user=[3, 7, 10]
+    )
+    with pytest.raises(ValueError, match="list different users"):
+        PretrainDataset(path, ("store",))
+
+
+def test_sidecar_not_parallel_rejected(tmp_path):
+    path = write_with_sidecar(
+        tmp_path, "p.parquet", PRETRAIN_ROWS, PRETRAIN_SIDECAR, city=[[1], [3, 3, 3], [1] * 6]
+    )
+    with pytest.raises(ValueError, match="'city'"):
+        PretrainDataset(path, ("city",))
+
+
+def test_unknown_side_feature_rejected(tmp_path):
+    path = write_table(tmp_path / "p.parquet", PRETRAIN_ROWS)
+    with pytest.raises(ValueError, match="unknown side features"):
+        PretrainDataset(path, ("hour",))

@@ -122,8 +122,8 @@ def test_load_renumbered_file(tmp_path: Path) -> None:
 
 
 def test_unknown_mapping_name() -> None:
-    with pytest.raises(ValueError, match="unknown mapping name 'store'"):
-        IdMapping.fit("store", pl.Series([1]))
+    with pytest.raises(ValueError, match="unknown mapping name 'shelf'"):
+        IdMapping.fit("shelf", pl.Series([1]))
 
 
 def test_unsorted_keys_rejected() -> None:

@@ -360,3 +360,52 @@ def test_invalid_config_rejected() -> None:
             DataConfig(lag_min_days=5.0, lag_max_days=2.0),
             0,
         )
+
+
+def with_event_context(events: pl.DataFrame) -> pl.DataFrame:
+    """Add city and store columns that are functions of each event's own values."""
+    return events.with_columns(
+        ((pl.col("product") * 7 + pl.col("timestamp") % 5) % 11).cast(pl.Int32).alias("city"),
+        (pl.col("source") + 100).cast(pl.Int32).alias("store"),
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=event_rows,
+    requests=request_rows(),
+    train_end=st.integers(0, 60).map(lambda k: k * HALF_DAY),
+    cfg=small_configs,
+)
+def test_context_columns_follow_events(rows, requests, train_end, cfg) -> None:
+    events = events_frame(rows)
+    table = requests_frame(requests)
+    split = boundaries(train_end)
+    context_table = table.with_columns((pl.col("request_id") % 13).cast(pl.Int32).alias("city"))
+
+    plain_pretrain = build_pretrain_samples(events, split, cfg)
+    pretrain = build_pretrain_samples(with_event_context(events), split, cfg)
+    plain_finetune = build_finetune_samples(events, table, split, cfg, 0)
+    finetune = build_finetune_samples(with_event_context(events), context_table, split, cfg, 0)
+
+    for plain, frame in (
+        (plain_pretrain.train, pretrain.train),
+        (plain_pretrain.valid, pretrain.valid),
+        (plain_finetune.train, finetune.train),
+        (plain_finetune.valid, finetune.valid),
+    ):
+        assert_frame_equal(frame.select(plain.columns), plain)
+        flat = frame.select("product", "source", "timestamp", "city", "store").explode(
+            "product", "source", "timestamp", "city", "store"
+        )
+        assert flat["city"].equals(
+            ((flat["product"] * 7 + flat["timestamp"] % 5) % 11).cast(pl.Int32)
+        )
+        assert flat["store"].equals((flat["source"] + 100).cast(pl.Int32))
+    for frame in (finetune.train, finetune.valid):
+        requests_flat = frame.select("request_id", "request_city").explode(
+            "request_id", "request_city"
+        )
+        expected = (requests_flat["request_id"] % 13).cast(pl.Int32)
+        assert requests_flat["request_city"].equals(expected, check_names=False)
+        assert "request_store" not in frame.columns

@@ -1,10 +1,16 @@
 import numpy as np
+import pytest
 
 from cartformer.evaluation.report import (
+    AblationArm,
     MethodResult,
+    ablation_conclusion,
+    ablation_rows,
     conclusion,
+    format_ablation_table,
     format_table,
     paired_difference,
+    render_ablation,
     render_report,
     results_table,
 )
@@ -61,3 +67,79 @@ def test_report_and_table_render(tmp_path):
     assert "| oracle | oracle |" in text
     assert "best validation loss 9.0000" in text
     assert "oracle" in format_table(results)
+
+
+def make_arms() -> list[AblationArm]:
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.2, 0.6, size=400)
+    common = {"variant": "pretrained-backbone", "parameters": 1000}
+    return [
+        AblationArm(
+            "id-only",
+            (),
+            per_request=base,
+            pretrain_valid_loss=9.0,
+            pretrain_epoch_seconds=10.0,
+            finetune_epoch_seconds=5.0,
+            **common,
+        ),
+        AblationArm(
+            "time",
+            ("time",),
+            per_request=base + rng.normal(0, 0.05, 400),
+            pretrain_valid_loss=8.9,
+            pretrain_epoch_seconds=11.0,
+            finetune_epoch_seconds=5.5,
+            **common,
+        ),
+        AblationArm(
+            "all",
+            ("categorical", "text", "time"),
+            per_request=base + 0.02,
+            pretrain_valid_loss=None,
+            pretrain_epoch_seconds=None,
+            finetune_epoch_seconds=7.0,
+            **common,
+        ),
+    ]
+
+
+def test_ablation_rows_paired_to_id_only():
+    rows = {row["arm"]: row for row in ablation_rows(make_arms())}
+    assert np.isnan(rows["id-only"]["diff_vs_reference"])
+    assert np.isclose(rows["all"]["diff_vs_reference"], 0.02)
+    assert rows["all"]["diff_half_width"] < 1e-9
+    assert rows["time"]["diff_half_width"] > 0
+
+
+def test_ablation_rows_reject_other_groups():
+    arms = make_arms()
+    arms[1].per_request = arms[1].per_request[:10]
+    with pytest.raises(ValueError, match="share the validation groups"):
+        ablation_rows(arms)
+
+
+def test_ablation_conclusion_beats():
+    sentence = ablation_conclusion(make_arms())
+    assert sentence.startswith("The model with all side features beats the id-only model")
+    assert "+0.0200" in sentence
+
+
+def test_ablation_conclusion_says_not():
+    arms = make_arms()
+    arms[2].per_request = arms[0].per_request + np.random.default_rng(2).normal(0, 0.05, 400)
+    sentence = ablation_conclusion(arms)
+    assert "does not beat" in sentence or "is below" in sentence
+
+
+def test_render_ablation_table():
+    text = render_ablation(
+        make_arms(),
+        {"data_path": "demo.parquet", "timings": {"tokenize": 0.5}, "tokenizer": "wordpiece"},
+        {"variants": ["pretrained-backbone"]},
+    )
+    assert "| all | categorical, text, time | pretrained-backbone | " in text
+    assert "| id-only | none | pretrained-backbone | " in text
+    assert "tokenizing every product: 0.50 s" in text
+    assert "## Conclusion" in text
+    assert "—" in format_ablation_table(make_arms())

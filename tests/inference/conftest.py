@@ -11,20 +11,21 @@ from torch import nn
 
 from cartformer.config import RunConfig
 from cartformer.data.demo import write_demo
-from cartformer.model import Backbone, FinetuneModel
-from cartformer.pipeline import RunLayout, model_config_from_meta, run_prepare
+from cartformer.model import FinetuneModel
+from cartformer.pipeline import RunLayout, build_backbone, model_config_from_meta, run_prepare
 from cartformer.training import checkpoint
 
 DAY = 24 * 60 * 60
 MAX_HISTORY = 16
 
 
-def build_scoring_run(root: Path, seed: int = 5) -> Path:
+def build_scoring_run(root: Path, seed: int = 5, side_features: bool = False) -> Path:
     """Write a run directory whose `scratch` variant has random weights.
 
     The history window is 16 events, much shorter than the tiny demo's histories, so scoring
     needs several windows per user. The history-match offsets and the bias get random values,
-    so every part of the logit varies.
+    so every part of the logit varies. `side_features` turns on the categorical, text and
+    time features, whose tables get random values too.
     """
     data = root / "demo" / "train.parquet"
     write_demo(data, size="tiny", seed=seed)
@@ -33,15 +34,23 @@ def build_scoring_run(root: Path, seed: int = 5) -> Path:
     cfg.model.max_seq_len = MAX_HISTORY
     cfg.model.embedding_dim = 16
     cfg.model.num_layers = 1
+    cfg.model.use_categorical = cfg.model.use_text = cfg.model.use_time = side_features
     cfg.finetune.device = "cpu"
     meta = run_prepare(cfg)
     model_config_from_meta(cfg.model, meta)
     torch.manual_seed(seed)
-    model = FinetuneModel(Backbone(cfg.model), cfg.model)
+    model = FinetuneModel(build_backbone(cfg.model, RunLayout(root).prepared), cfg.model)
     with torch.no_grad():
         nn.init.normal_(model.match_count_logit.weight)
         nn.init.normal_(model.match_recency_logit.weight)
         model.bias.fill_(0.3)
+        if side_features:
+            # The side-feature tables start at zero; random rows make every feature count.
+            context = model.backbone.context_encoder
+            for name in ("city", "store"):
+                nn.init.normal_(context.tables[name].weight)
+            for table in context.time.tables.values():
+                nn.init.normal_(table.weight)
     stage = RunLayout(root).finetune("scratch")
     stage.mkdir(parents=True)
     checkpoint.save_weights(model, stage / "best.safetensors", cfg.to_dict()["model"])
@@ -52,6 +61,11 @@ def build_scoring_run(root: Path, seed: int = 5) -> Path:
 @pytest.fixture(scope="package")
 def scoring_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_scoring_run(tmp_path_factory.mktemp("scoring_run"))
+
+
+@pytest.fixture(scope="package")
+def feature_scoring_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_scoring_run(tmp_path_factory.mktemp("feature_scoring_run"), side_features=True)
 
 
 @pytest.fixture(scope="package")

@@ -297,3 +297,90 @@ def test_best_variant_reads_trainer_state(tmp_path):
 def test_run_without_finetuned_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="cartformer finetune"):
         best_variant(tmp_path)
+
+
+# --- side features -------------------------------------------------------------------------------
+
+
+def with_request_context(run, requests):
+    """Add the raw city_name and store_id of each validation request from the sidecar file."""
+    prepared = run / "prepared"
+    sidecar = pl.read_parquet(prepared / "features" / "finetune_valid.parquet")
+    valid = pl.read_parquet(prepared / "finetune_valid.parquet")
+    per_request = pl.DataFrame(
+        {
+            "request_id": valid["request_id"].explode(),
+            "size": valid["request_size"].explode(),
+            "city": sidecar["request_city"].explode(),
+            "store": sidecar["request_store"].explode(),
+        }
+    )
+    rows = per_request.select(
+        pl.col("city").repeat_by("size").explode(), pl.col("store").repeat_by("size").explode()
+    )
+    mappings = prepared / "mappings"
+    return requests.with_columns(
+        IdMapping.load(mappings, "city").decode(rows["city"]).alias("city_name"),
+        IdMapping.load(mappings, "store").decode(rows["store"]).alias("store_id"),
+    )
+
+
+def test_feature_scores_match_validation(feature_scoring_run, tmp_path):
+    run = feature_scoring_run
+    scorer = load_scorer(run, "scratch", "cpu")
+    assert scorer.side_features == ("city", "store", "timestamp")
+    events = pl.read_parquet(run / "demo" / "train.parquet")
+    train_end = read_train_end(run / "prepared")
+    log = write(events.filter(pl.col("timestamp") <= train_end), tmp_path / "log.parquet")
+    requests = with_request_context(run, validation_requests(run))
+
+    result = score_frame(scorer, requests, log)
+
+    cfg = RunConfig.load(run / "config.json")
+    dataset = FinetuneDataset(run / "prepared" / "finetune_valid.parquet", scorer.side_features)
+    loader = make_loader(dataset, cfg.finetune, False)
+    logits, _, _, _ = predict_finetune(scorer.model, loader, torch.device("cpu"))
+    assert result.counts["rows_fallback"] == 0
+    np.testing.assert_allclose(result.scores["score"].to_numpy(), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_scores_use_request_store(feature_scoring_run, tmp_path):
+    run = feature_scoring_run
+    scorer = load_scorer(run, "scratch", "cpu")
+    events = pl.read_parquet(run / "demo" / "train.parquet")
+    requests = with_request_context(run, validation_requests(run))
+    log = write(events, tmp_path / "log.parquet")
+    moved = requests.with_columns(pl.lit(2**60, dtype=pl.UInt64).alias("store_id"))
+
+    original = score_frame(scorer, requests, log).scores["score"].to_numpy()
+    unseen = score_frame(scorer, moved, log)
+
+    assert unseen.counts["rows_fallback"] == 0
+    assert np.isfinite(unseen.scores["score"].to_numpy()).all()
+    assert not np.allclose(unseen.scores["score"].to_numpy(), original)
+
+
+def test_feature_scores_without_context_columns(feature_scoring_run, tmp_path, caplog):
+    run = feature_scoring_run
+    scorer = load_scorer(run, "scratch", "cpu")
+    events = pl.read_parquet(run / "demo" / "train.parquet")
+    log = write(events.drop("city_name", "store_id"), tmp_path / "log.parquet")
+    requests = validation_requests(run).head(50)
+    caplog.set_level("WARNING")
+
+    result = score_frame(scorer, requests, log)
+
+    assert np.isfinite(result.scores["score"].to_numpy()).all()
+    assert "has no column(s) ['city_name', 'store_id']" in caplog.text
+
+
+def test_feature_score_requests_reads_raw_columns(feature_scoring_run, tmp_path):
+    run = feature_scoring_run
+    requests = with_request_context(run, validation_requests(run))
+    path = write(requests, tmp_path / "requests.parquet")
+    from_file = score_requests(run, path, variant="scratch", device="cpu")
+    scorer = load_scorer(run, "scratch", "cpu")
+    direct = score_frame(scorer, requests, run / "demo" / "train.parquet")
+    np.testing.assert_allclose(
+        from_file.scores["score"].to_numpy(), direct.scores["score"].to_numpy(), atol=1e-6
+    )

@@ -1,10 +1,19 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from cartformer.config import ModelConfig
 from cartformer.model.backbone import Backbone, CausalEncoderLayer, padded_slots
+from cartformer.model.features import FIRST_EVENT_BUCKET, log_time_buckets
+from cartformer.model.finetune import FinetuneModel
+from cartformer.model.layers import TIME_GAP
 from cartformer.model.ops import lengths_to_mask
+from cartformer.model.pretrain import PretrainModel
+from cartformer.pipeline import stored_model_config
+from cartformer.training import checkpoint
 
 NUM_PRODUCTS = 25_000
 NUM_SOURCES = 10
@@ -153,3 +162,103 @@ def test_rejects_mismatched_lengths():
     history["lengths"] = torch.tensor([3, 3])
     with pytest.raises(ValueError, match="sums to 6"):
         Backbone(make_config())(history)
+
+
+# --- side features and id-only compatibility ------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "data"
+
+
+def _fixture_batch() -> dict[str, dict[str, torch.Tensor]]:
+    expected = json.loads((FIXTURES / "id_only_expected.json").read_text())
+    return {
+        part: {name: torch.tensor(values) for name, values in tensors.items()}
+        for part, tensors in expected["batch"].items()
+    }
+
+
+def test_id_only_checkpoint_outputs_unchanged():
+    """The checkpoints were written by the model code before side features existed, with a
+    config that lacks their fields; the current code must load them and give the same outputs."""
+    expected = json.loads((FIXTURES / "id_only_expected.json").read_text())
+    batch = _fixture_batch()
+    pretrain_path = FIXTURES / "id_only_pretrain.safetensors"
+    finetune_path = FIXTURES / "id_only_finetune.safetensors"
+    pretrain_config = stored_model_config(pretrain_path)
+    pretrain = PretrainModel(Backbone(pretrain_config), pretrain_config)
+    checkpoint.load_weights(pretrain, pretrain_path)
+    finetune_config = stored_model_config(finetune_path)
+    finetune = FinetuneModel(Backbone(finetune_config), finetune_config)
+    checkpoint.load_weights(finetune, finetune_path)
+    pretrain.eval()
+    finetune.eval()
+    with torch.no_grad():
+        loss = pretrain({"history": batch["history"]})["loss"].item()
+        logits = finetune(batch)["logits"]
+    assert loss == pytest.approx(expected["pretrain_loss"], rel=1e-6)
+    assert torch.allclose(logits, torch.tensor(expected["finetune_logits"]), atol=1e-6)
+
+
+def test_id_only_ignores_side_tensors():
+    torch.manual_seed(0)
+    backbone = Backbone(make_config(num_cities=4, num_stores=6, dropout=0.0)).eval()
+    history = random_history([3, 5])
+    with_side = {
+        **history,
+        "city": torch.randint(0, 4, (8,)),
+        "store": torch.randint(0, 6, (8,)),
+        "timestamp": torch.arange(8) * 3600,
+    }
+    assert torch.equal(backbone(history).states, backbone(with_side).states)
+
+
+def test_id_only_parameter_names():
+    names = set(Backbone(make_config(num_cities=4, num_stores=6)).state_dict())
+    assert "item_encoder.tables.product.weight" in names
+    assert "context_encoder.tables.source.weight" in names
+    assert not any("city" in name or "store" in name or "time" in name for name in names)
+
+
+def test_history_time_gap_buckets():
+    """Event t's gap feature is the time since event t-1 of the same sequence."""
+    torch.manual_seed(0)
+    backbone = Backbone(make_config(use_time=True, dropout=0.0)).eval()
+    history = random_history([2, 3])
+    history["timestamp"] = torch.tensor([100, 200, 50, 50, 5000])
+    captured = {}
+    backbone.context_encoder.register_forward_pre_hook(
+        lambda module, args: captured.update(args[0])
+    )
+    backbone(history)
+    expected = torch.tensor(
+        [
+            FIRST_EVENT_BUCKET,
+            int(log_time_buckets(torch.tensor([100]))[0]),
+            FIRST_EVENT_BUCKET,
+            int(log_time_buckets(torch.tensor([0]))[0]),
+            int(log_time_buckets(torch.tensor([4950]))[0]),
+        ]
+    )
+    assert torch.equal(captured[TIME_GAP], expected)
+
+
+def test_request_context_gap_to_state():
+    torch.manual_seed(0)
+    backbone = Backbone(make_config(use_time=True, dropout=0.0)).eval()
+    history = {"timestamp": torch.tensor([100, 200, 300])}
+    requests = {
+        "source": torch.tensor([1, 2]),
+        "timestamp": torch.tensor([1000, 90_000]),
+    }
+    captured = {}
+    backbone.context_encoder.register_forward_pre_hook(
+        lambda module, args: captured.update(args[0])
+    )
+    backbone.encode_request_context(history, requests, torch.tensor([2, 0]))
+    expected = log_time_buckets(torch.tensor([700, 89_900]))
+    assert torch.equal(captured[TIME_GAP], expected)
+
+
+def test_text_features_need_bags():
+    with pytest.raises(ValueError, match="no text_bags were given"):
+        Backbone(make_config(use_text=True, num_text_tokens=10))

@@ -332,3 +332,27 @@ def test_time_encoder_all_off_rejected() -> None:
 def test_time_encoder_bad_offset_rejected() -> None:
     with pytest.raises(ValueError, match="utc_offset_hours is 30"):
         TimeEncoder(dim=4, utc_offset_hours=30)
+
+
+def test_time_embed_matches_forward() -> None:
+    torch.manual_seed(0)
+    encoder = TimeEncoder(dim=4)
+    timestamp = torch.tensor([1_700_000_000, 1_700_000_100, 1_700_090_000])
+    lengths = torch.tensor([2, 1])
+    buckets = time_gap_buckets(timestamp, lengths)
+    assert torch.allclose(encoder.embed(timestamp, buckets), encoder(timestamp, lengths))
+
+
+def test_time_embed_needs_gap_buckets() -> None:
+    encoder = TimeEncoder(dim=4)
+    with pytest.raises(ValueError, match="needs gap buckets"):
+        encoder.embed(torch.tensor([0]))
+
+
+def test_time_embed_calendar_only() -> None:
+    encoder = TimeEncoder(dim=4, gap=False)
+    timestamp = torch.tensor([1_700_000_000])
+    expected = sum(
+        encoder.tables[name](index) for name, index in calendar_features(timestamp).items()
+    )
+    assert torch.allclose(encoder.embed(timestamp), expected)

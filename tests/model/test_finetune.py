@@ -211,3 +211,131 @@ def test_plain_method_has_no_match_parameters():
     model = FinetuneModel(Backbone(make_config(history_match=False)))
     names = [name for name, _ in model.named_parameters()]
     assert not any(name.startswith("match_") for name in names)
+
+
+# --- side features -------------------------------------------------------------------------------
+
+GOOD, BAD, CATEGORY = 2, 3, 4
+SIDE_PRODUCTS = 11  # 0 unknown, 1-8 trained (odd ones carted), 9 and 10 held out
+
+
+def side_bags() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Product p > 0 has the name token GOOD when p is odd and BAD when even; all share one
+    category token. Product 0 has empty bags."""
+    names = torch.tensor([GOOD if p % 2 else BAD for p in range(1, SIDE_PRODUCTS)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(SIDE_PRODUCTS)])
+    return {
+        "name": (names, offsets),
+        "category": (torch.full((SIDE_PRODUCTS - 1,), CATEGORY), offsets.clone()),
+    }
+
+
+def side_model(**switches) -> FinetuneModel:
+    config = ModelConfig(
+        embedding_dim=8,
+        num_heads=2,
+        num_layers=1,
+        dropout=0.0,
+        num_products=SIDE_PRODUCTS,
+        num_sources=3,
+        num_cities=3,
+        num_stores=4,
+        num_text_tokens=5,
+        history_match=False,
+        **switches,
+    )
+    return FinetuneModel(Backbone(config, text_bags=side_bags()), config)
+
+
+def side_batch(candidates: list[int], targets: list[int]) -> dict[str, dict[str, torch.Tensor]]:
+    """One user with 3 events and one request over `candidates`."""
+    return {
+        "history": {
+            "product": torch.tensor([1, 2, 3]),
+            "source": torch.tensor([1, 1, 2]),
+            "action": torch.tensor([1, 2, 3]),
+            "position": torch.tensor([0, 1, 2]),
+            "lengths": torch.tensor([3]),
+            "city": torch.tensor([1, 1, 2]),
+            "store": torch.tensor([1, 3, 2]),
+            "timestamp": torch.tensor([1_700_000_000, 1_700_003_600, 1_700_090_000]),
+        },
+        "requests": {
+            "source": torch.tensor([2]),
+            "state_index": torch.tensor([2]),
+            "lengths": torch.tensor([len(candidates)]),
+            "num_requests": torch.tensor([1]),
+            "city": torch.tensor([2]),
+            "store": torch.tensor([2]),
+            "timestamp": torch.tensor([1_700_500_000]),
+        },
+        "candidates": {"product": torch.tensor(candidates), "target": torch.tensor(targets)},
+    }
+
+
+def randomize_side_tables(model: FinetuneModel) -> None:
+    """Give the side-feature tables, which start at zero, the values of a trained model."""
+    encoder = model.backbone.context_encoder
+    tables = [encoder.tables[name] for name in ("city", "store") if name in encoder.tables]
+    tables += list(encoder.time.tables.values()) if encoder.time is not None else []
+    with torch.no_grad():
+        for table in tables:
+            table.weight.normal_()
+
+
+def test_held_out_product_placed_by_text():
+    """After training on products 1-8 only, where the carted ones have the GOOD token, the
+    held-out product 9 (GOOD) outranks the held-out product 10 (BAD)."""
+    torch.manual_seed(0)
+    model = side_model(use_text=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    batch = side_batch([1, 2, 3, 4, 5, 6, 7, 8], [1, 0, 1, 0, 1, 0, 1, 0])
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(batch)["loss"].backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        held_out = model.score(side_batch([9, 10], [0, 0]))
+    assert held_out[0] > held_out[1]
+
+
+def test_unseen_values_through_model():
+    """City, store and product index 0 (unseen by the mappings) give finite logits and loss."""
+    torch.manual_seed(0)
+    model = side_model(use_categorical=True, use_text=True, use_time=True)
+    batch = side_batch([0, 9, 4], [1, 0, 0])
+    batch["history"]["city"] = torch.zeros(3, dtype=torch.int64)
+    batch["history"]["store"] = torch.zeros(3, dtype=torch.int64)
+    batch["requests"]["city"] = torch.zeros(1, dtype=torch.int64)
+    batch["requests"]["store"] = torch.zeros(1, dtype=torch.int64)
+    output = model(batch)
+    assert torch.isfinite(output["logits"]).all()
+    assert torch.isfinite(output["loss"])
+
+
+def test_side_feature_gradients():
+    torch.manual_seed(0)
+    model = side_model(use_categorical=True, use_text=True, use_time=True)
+    model(side_batch([1, 2, 9], [1, 0, 0]))["loss"].backward()
+    backbone = model.backbone
+    text_table = backbone.item_encoder.text.bag_encoder.embedding.weight
+    assert text_table.grad[GOOD].abs().sum() > 0
+    assert backbone.context_encoder.tables["store"].weight.grad[2].abs().sum() > 0
+    assert backbone.context_encoder.time.tables["hour"].weight.grad.abs().sum() > 0
+    assert backbone.item_encoder.cross.projection.weight.grad.abs().sum() > 0
+
+
+def test_request_side_features_change_logits():
+    torch.manual_seed(0)
+    model = side_model(use_categorical=True, use_time=True).eval()
+    randomize_side_tables(model)
+    batch = side_batch([1, 2, 3], [1, 0, 0])
+    moved = side_batch([1, 2, 3], [1, 0, 0])
+    moved["requests"]["store"] = torch.tensor([3])
+    later = side_batch([1, 2, 3], [1, 0, 0])
+    later["requests"]["timestamp"] = torch.tensor([1_700_520_000])
+    with torch.no_grad():
+        logits = model.score(batch)
+        assert not torch.allclose(logits, model.score(moved))
+        assert not torch.allclose(logits, model.score(later))

@@ -416,3 +416,39 @@ def test_count_target_products_reads_dataset(tmp_path):
 def test_count_target_products_rejects_out_of_range():
     with pytest.raises(ValueError, match="num_products"):
         count_target_products(ListsOnly([[1, 9]], [[0, 1]]), num_products=5)
+
+
+def test_side_features_pretrain_loss():
+    """With every side feature on, the catalogue softmax encodes products through their texts."""
+    torch.manual_seed(0)
+    names = torch.tensor([2, 3, 2, 3, 2, 3])
+    bags = {"name": (names, torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]))}
+    config = ModelConfig(
+        embedding_dim=8,
+        num_products=7,
+        num_sources=3,
+        num_cities=2,
+        num_stores=3,
+        num_text_tokens=4,
+        use_categorical=True,
+        use_text=True,
+        use_time=True,
+    )
+    model = PretrainModel(Backbone(config, text_bags=bags), config)
+    history = {
+        "product": torch.tensor([1, 2, 3, 4, 5, 6, 0]),
+        "source": torch.tensor([1, 2, 1, 2, 1, 2, 1]),
+        "action": torch.tensor([1, 2, 3, 1, 2, 3, 1]),
+        "position": torch.tensor([0, 1, 2, 3, 0, 1, 2]),
+        "lengths": torch.tensor([4, 3]),
+        "target_index": torch.tensor([1, 2, 3, 1, 2]),
+        "target_lengths": torch.tensor([3, 2]),
+        "city": torch.tensor([1, 1, 0, 1, 1, 1, 1]),
+        "store": torch.tensor([2, 1, 1, 0, 2, 2, 2]),
+        "timestamp": torch.tensor([0, 60, 3600, 90_000, 10, 20, 86_400 * 40]),
+    }
+    output = model({"history": history})
+    output["loss"].backward()
+    assert model.embed_catalogue().shape == (6, 8)
+    assert torch.isfinite(output["loss"])
+    assert model.backbone.item_encoder.text.bag_encoder.embedding.weight.grad.abs().sum() > 0

@@ -4,12 +4,17 @@ Each dataset keeps every list column as one flat numpy array of values and an (r
 array of offsets taken from the Arrow list arrays. `__getitem__` slices one row and builds that
 sample's dict of int64 tensors, and `collate` concatenates samples into the unpadded batch layout
 of docs/architecture.md.
+
+Side features (`SIDE_FEATURES`) are loaded only when a dataset is built with them: `timestamp`
+comes from the sample file itself, `city` and `store` from its sidecar file
+`features/<sample file>` that the prepare stage writes for inputs with `city_name` and
+`store_id`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,13 @@ from torch.utils.data import Dataset, Sampler
 logger = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
+
+SIDE_FEATURES = ("city", "store", "timestamp")
+"""Optional per-event (and per-request) features a dataset can add to its samples."""
+_SIDECAR_FEATURES = ("city", "store")
+REQUEST_PREFIX = "request_"
+"""Prefix of a request's side-feature column in the finetune files, e.g. `request_city`."""
+_FEATURES_DIR = "features"
 
 PRETRAIN_LIST_COLUMNS = ("product", "source", "action", "target_index")
 FINETUNE_LIST_COLUMNS = (
@@ -116,6 +128,30 @@ def _read_prepared(
     return users.to_numpy(), lists
 
 
+def _checked_side_features(side_features: Collection[str]) -> tuple[str, ...]:
+    unknown = sorted(set(side_features) - set(SIDE_FEATURES))
+    if unknown:
+        raise ValueError(f"unknown side features {unknown}; choose from {list(SIDE_FEATURES)}")
+    return tuple(name for name in SIDE_FEATURES if name in side_features)
+
+
+def _read_sidecar(path: Path, users: np.ndarray, columns: Sequence[str]) -> dict[str, FlatList]:
+    """Read list `columns` of the sidecar `features/<name>` of sample file `path`.
+
+    The sidecar must have the same `user` column as the sample file, row for row.
+    """
+    sidecar = path.parent / _FEATURES_DIR / path.name
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"side-feature file {sidecar} not found; city and store features need "
+            "`cartformer prepare` on an input with city_name and store_id, or turn them off"
+        )
+    sidecar_users, lists = _read_prepared(sidecar, columns)
+    if not np.array_equal(sidecar_users, users):
+        raise ValueError(f"{sidecar} and {path} list different users; rerun `cartformer prepare`")
+    return lists
+
+
 def _check_parallel(lists: Mapping[str, FlatList], names: Sequence[str], path: Path) -> None:
     reference = lists[names[0]].lengths
     for name in names[1:]:
@@ -156,13 +192,21 @@ class PretrainDataset(Dataset[Sample]):
 
     A sample is `{"user": (1,), "history": {...}}` with int64 tensors: `product`, `source`,
     `action`, `position` (arange) of shape (n,), `lengths` = [n], `target_index` (t,) and
-    `target_lengths` = [t].
+    `target_lengths` = [t]. Each name of `side_features` adds a history tensor of shape (n,):
+    `city`, `store` (indices) or `timestamp` (unix seconds).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, side_features: Collection[str] = ()) -> None:
         self.path = Path(path)
-        self.users, self.lists = _read_prepared(self.path, PRETRAIN_LIST_COLUMNS)
-        _check_parallel(self.lists, ("product", "source", "action"), self.path)
+        self.side_features = _checked_side_features(side_features)
+        columns = PRETRAIN_LIST_COLUMNS
+        if "timestamp" in self.side_features:
+            columns = (*columns, "timestamp")
+        self.users, self.lists = _read_prepared(self.path, columns)
+        sidecar = [name for name in self.side_features if name in _SIDECAR_FEATURES]
+        if sidecar:
+            self.lists.update(_read_sidecar(self.path, self.users, sidecar))
+        _check_parallel(self.lists, ("product", "source", "action", *self.side_features), self.path)
         self.history_lengths = self.lists["product"].lengths
         _check_nonempty_history(self.history_lengths, self.path)
         _check_positions(
@@ -182,18 +226,18 @@ class PretrainDataset(Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         length = int(self.history_lengths[index])
         target_index = self.lists["target_index"].row_tensor(index)
-        return {
-            "user": torch.tensor([int(self.users[index])]),
-            "history": {
-                "product": self.lists["product"].row_tensor(index),
-                "source": self.lists["source"].row_tensor(index),
-                "action": self.lists["action"].row_tensor(index),
-                "position": torch.arange(length),
-                "lengths": torch.tensor([length]),
-                "target_index": target_index,
-                "target_lengths": torch.tensor([target_index.shape[0]]),
-            },
+        history = {
+            "product": self.lists["product"].row_tensor(index),
+            "source": self.lists["source"].row_tensor(index),
+            "action": self.lists["action"].row_tensor(index),
+            "position": torch.arange(length),
+            "lengths": torch.tensor([length]),
+            "target_index": target_index,
+            "target_lengths": torch.tensor([target_index.shape[0]]),
         }
+        for name in self.side_features:
+            history[name] = self.lists[name].row_tensor(index)
+        return {"user": torch.tensor([int(self.users[index])]), "history": history}
 
 
 class FinetuneDataset(Dataset[Sample]):
@@ -208,15 +252,30 @@ class FinetuneDataset(Dataset[Sample]):
       of shape (r,), and `num_requests` = [r]. `request_id` stores the bits of the u64 ids,
       which `tensor.numpy().view(np.uint64)` recovers.
     - `candidates`: `product` and `target` (1 = cart, 0 = view) of shape (c,)
+
+    Each name of `side_features` adds a `history` tensor of shape (n,) and a `requests` tensor
+    of shape (r,): `city`, `store` (indices) or `timestamp` (unix seconds; a request's time is
+    its earliest row's).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, side_features: Collection[str] = ()) -> None:
         self.path = Path(path)
-        self.users, self.lists = _read_prepared(self.path, FINETUNE_LIST_COLUMNS)
+        self.side_features = _checked_side_features(side_features)
+        columns = FINETUNE_LIST_COLUMNS
+        if "timestamp" in self.side_features:
+            columns = (*columns, "timestamp", "request_timestamp")
+        self.users, self.lists = _read_prepared(self.path, columns)
+        sidecar = [name for name in self.side_features if name in _SIDECAR_FEATURES]
+        if sidecar:
+            request_sidecar = [REQUEST_PREFIX + name for name in sidecar]
+            self.lists.update(_read_sidecar(self.path, self.users, [*sidecar, *request_sidecar]))
         lists = self.lists
-        _check_parallel(lists, ("product", "source", "action"), self.path)
+        _check_parallel(lists, ("product", "source", "action", *self.side_features), self.path)
+        request_side = [REQUEST_PREFIX + name for name in self.side_features]
         _check_parallel(
-            lists, ("request_id", "request_source", "state_index", "request_size"), self.path
+            lists,
+            ("request_id", "request_source", "state_index", "request_size", *request_side),
+            self.path,
         )
         _check_parallel(lists, ("candidate_product", "candidate_target"), self.path)
         self.history_lengths = lists["product"].lengths
@@ -256,24 +315,29 @@ class FinetuneDataset(Dataset[Sample]):
         request_ids = lists["request_id"].row(index)
         if request_ids.dtype == np.uint64:
             request_ids = request_ids.view(np.int64)
+        history = {
+            "product": lists["product"].row_tensor(index),
+            "source": lists["source"].row_tensor(index),
+            "action": lists["action"].row_tensor(index),
+            "position": torch.arange(length),
+            "lengths": torch.tensor([length]),
+            "target_index": torch.zeros(0, dtype=torch.int64),
+            "target_lengths": torch.tensor([0]),
+        }
+        requests = {
+            "source": lists["request_source"].row_tensor(index),
+            "state_index": lists["state_index"].row_tensor(index),
+            "lengths": lists["request_size"].row_tensor(index),
+            "num_requests": torch.tensor([lists["request_id"].lengths[index]]),
+            "request_id": torch.from_numpy(np.array(request_ids, dtype=np.int64)),
+        }
+        for name in self.side_features:
+            history[name] = lists[name].row_tensor(index)
+            requests[name] = lists[REQUEST_PREFIX + name].row_tensor(index)
         return {
             "user": torch.tensor([int(self.users[index])]),
-            "history": {
-                "product": lists["product"].row_tensor(index),
-                "source": lists["source"].row_tensor(index),
-                "action": lists["action"].row_tensor(index),
-                "position": torch.arange(length),
-                "lengths": torch.tensor([length]),
-                "target_index": torch.zeros(0, dtype=torch.int64),
-                "target_lengths": torch.tensor([0]),
-            },
-            "requests": {
-                "source": lists["request_source"].row_tensor(index),
-                "state_index": lists["state_index"].row_tensor(index),
-                "lengths": lists["request_size"].row_tensor(index),
-                "num_requests": torch.tensor([lists["request_id"].lengths[index]]),
-                "request_id": torch.from_numpy(np.array(request_ids, dtype=np.int64)),
-            },
+            "history": history,
+            "requests": requests,
             "candidates": {
                 "product": lists["candidate_product"].row_tensor(index),
                 "target": lists["candidate_target"].row_tensor(index),

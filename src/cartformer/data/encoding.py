@@ -1,4 +1,4 @@
-"""Dense indices for raw user ids, product ids and surfaces, and their parquet files.
+"""Dense indices for raw user, product and store ids, surfaces and cities, and their files.
 
 Indices start at 1 and follow the sorted raw values, so the same input always gives the same
 mapping. Index 0 (`UNKNOWN_INDEX`) stands for a value that the mapping has not seen.
@@ -31,15 +31,19 @@ _KINDS: dict[str, _MappingKind] = {
     "user": _MappingKind("raw_id", pl.UInt64(), None),
     "product": _MappingKind("raw_id", pl.UInt64(), None),
     "source": _MappingKind("value", pl.String(), NO_SURFACE),
+    # Side features: a null city or store maps to UNKNOWN_INDEX like an unseen one.
+    "city": _MappingKind("value", pl.String(), None),
+    "store": _MappingKind("raw_id", pl.UInt64(), None),
 }
 
 
 class IdMapping:
     """Bijection between the distinct raw values of one column and indices 1..n.
 
-    `name` is one of "user", "product" (u64 `raw_id` keys) or "source" (str `value` keys, where a
-    null surface is the value `NO_SURFACE`). The mapping is stored as a two-column table
-    (key, `index` i32) sorted by key, so index i belongs to the i-th smallest raw value.
+    `name` is one of "user", "product", "store" (u64 `raw_id` keys), "source" or "city" (str
+    `value` keys). A null surface is the value `NO_SURFACE`, while a null city or store is left
+    out of the mapping and encodes to `UNKNOWN_INDEX`. The mapping is stored as a two-column
+    table (key, `index` i32) sorted by key, so index i belongs to the i-th smallest raw value.
     """
 
     def __init__(self, name: str, keys: pl.Series) -> None:

@@ -3,11 +3,17 @@
 Everything here runs as polars expressions and numpy array operations over all users at once.
 `cartformer.data.reference` computes the same frames with a plain per-user loop, and the tests
 check that both agree exactly.
+
+Side features: when the events carry the context columns of `EVENT_CONTEXT_COLUMNS` (`city`,
+`store`), the samples get them as list columns parallel to `product`, and when the requests
+carry them, the finetune samples also get `request_city` and `request_store` parallel to
+`request_id`. The reference builders ignore these columns.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -43,6 +49,10 @@ _EVENT_DTYPES: dict[str, pl.DataType] = {
     "action": pl.Int8(),
     "timestamp": pl.Int64(),
 }
+EVENT_CONTEXT_COLUMNS: tuple[str, ...] = ("city", "store")
+"""Optional i32 index columns of events and requests that the samples carry when present."""
+REQUEST_CONTEXT_PREFIX = "request_"
+"""Prefix of a request's context column in the finetune samples, e.g. `request_city`."""
 _REQUEST_DTYPES: dict[str, pl.DataType] = {
     "user": pl.Int32(),
     "request_id": pl.UInt64(),
@@ -61,20 +71,39 @@ class SampleFrames(NamedTuple):
     counts: dict[str, int]
 
 
+def context_columns(frame: pl.DataFrame) -> tuple[str, ...]:
+    """Return the columns of `EVENT_CONTEXT_COLUMNS` that `frame` has, in that order."""
+    return tuple(name for name in EVENT_CONTEXT_COLUMNS if name in frame.columns)
+
+
 def sort_events(events: pl.DataFrame) -> pl.DataFrame:
-    """Return the event columns with contract dtypes, stably sorted by `EVENT_SORT_KEYS`."""
-    columns = [pl.col(name).cast(dtype) for name, dtype in _EVENT_DTYPES.items()]
+    """Return the event columns with contract dtypes, stably sorted by `EVENT_SORT_KEYS`.
+
+    Context columns (`city`, `store`) are kept as i32 when `events` has them.
+    """
+    dtypes = {**_EVENT_DTYPES, **_context_dtypes(context_columns(events))}
+    columns = [pl.col(name).cast(dtype) for name, dtype in dtypes.items()]
     return events.select(columns).sort(EVENT_SORT_KEYS, maintain_order=True)
 
 
 def sort_requests(requests: pl.DataFrame, split_name: str) -> pl.DataFrame:
     """Return the requests of one split with contract dtypes, sorted by `REQUEST_SORT_KEYS`.
 
-    This order defines which lag draw belongs to which training request.
+    This order defines which lag draw belongs to which training request. Context columns
+    (`city`, `store`) are kept as i32 when `requests` has them.
     """
-    columns = [pl.col(name).cast(dtype) for name, dtype in _REQUEST_DTYPES.items()]
+    dtypes = {**_REQUEST_DTYPES, **_context_dtypes(context_columns(requests))}
+    columns = [pl.col(name).cast(dtype) for name, dtype in dtypes.items()]
     selected = requests.filter(pl.col("split") == split_name).select(columns)
     return selected.sort(REQUEST_SORT_KEYS, maintain_order=True)
+
+
+def _context_dtypes(names: tuple[str, ...]) -> dict[str, pl.DataType]:
+    return {name: pl.Int32() for name in names}
+
+
+def _list_schema(names: Iterable[str]) -> dict[str, pl.DataType]:
+    return {name: pl.List(pl.Int32) for name in names}
 
 
 def draw_request_lags(num_requests: int, cfg: DataConfig, seed: int) -> np.ndarray:
@@ -178,7 +207,7 @@ def _keep_last(events: pl.DataFrame, count: int) -> pl.DataFrame:
 
 def _history_lists(history: pl.DataFrame) -> pl.DataFrame:
     return history.group_by("user", maintain_order=True).agg(
-        "product", "source", "action", "timestamp"
+        "product", "source", "action", "timestamp", *context_columns(history)
     )
 
 
@@ -191,15 +220,17 @@ def _pretrain_samples(
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Build pretrain rows from events sorted by user. `is_target` marks the target events."""
     kept_history = _keep_last(history, cfg.max_history)
+    context = context_columns(history)
     target_index = pl.int_range(pl.len(), dtype=pl.Int32).filter(is_target).alias("target_index")
     samples = kept_history.group_by("user", maintain_order=True).agg(
-        "product", "source", "action", "timestamp", target_index
+        "product", "source", "action", "timestamp", target_index, *context
     )
 
     short = pl.col("product").list.len() < cfg.min_history
     no_target = ~short & (pl.col("target_index").list.len() == 0)
     drops = samples.select(short.sum().alias("short"), no_target.sum().alias("no_target"))
-    result = _conform(samples.filter(~short & ~no_target), PRETRAIN_SCHEMA)
+    schema = {**PRETRAIN_SCHEMA, **_list_schema(context)}
+    result = _conform(samples.filter(~short & ~no_target), schema)
     counts = {
         f"{prefix}_users": result.height,
         f"{prefix}_users_short_history": int(drops["short"].item()),
@@ -240,6 +271,9 @@ def _finetune_samples(
 
     candidates = pl.col("product").list.explode(keep_nulls=False, empty_as_null=False)
     targets = pl.col("target").list.explode(keep_nulls=False, empty_as_null=False)
+    request_context = [
+        pl.col(name).alias(REQUEST_CONTEXT_PREFIX + name) for name in context_columns(requests)
+    ]
     per_user = kept_requests.group_by("user", maintain_order=True).agg(
         "request_id",
         pl.col("source").alias("request_source"),
@@ -248,9 +282,13 @@ def _finetune_samples(
         pl.col("product").list.len().alias("request_size"),
         candidates.alias("candidate_product"),
         targets.alias("candidate_target"),
+        *request_context,
     )
     samples = _history_lists(history).join(per_user, on="user", how="inner", maintain_order="left")
-    result = _conform(samples, FINETUNE_SCHEMA)
+    context = context_columns(history)
+    request_names = [REQUEST_CONTEXT_PREFIX + name for name in context_columns(requests)]
+    schema = {**FINETUNE_SCHEMA, **_list_schema(context), **_list_schema(request_names)}
+    result = _conform(samples, schema)
     counts = {
         f"{prefix}_users": result.height,
         f"{prefix}_requests": kept_requests.height,

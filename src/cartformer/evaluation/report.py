@@ -233,3 +233,189 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+# --- ablation ------------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationArm:
+    """One model of the side-feature ablation, evaluated on the shared validation requests."""
+
+    name: str
+    """Arm name, e.g. "id-only", "categorical", "text", "time" or "all"."""
+    features: tuple[str, ...]
+    """Side-feature groups that are on: a subset of ("categorical", "text", "time")."""
+    variant: str
+    """Finetune variant whose NDCG@10 the arm reports."""
+    per_request: np.ndarray
+    """(R,) NDCG@10 per validation request, in the order shared by all arms."""
+    pretrain_valid_loss: float | None
+    """Best pretrain validation loss (retrieval + weighted feedback), None without pretraining."""
+    parameters: int
+    """Trainable parameters of the finetune model."""
+    pretrain_epoch_seconds: float | None
+    """Mean wall time of one pretrain epoch, training plus validation."""
+    finetune_epoch_seconds: float | None
+    """Mean wall time of one finetune epoch of `variant`, training plus validation."""
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_request.mean())
+
+
+def ablation_rows(arms: Sequence[AblationArm], reference: str = "id-only") -> list[dict[str, Any]]:
+    """Return one row per arm with NDCG@10 and its paired difference to the `reference` arm."""
+    by_name = {arm.name: arm for arm in arms}
+    base = by_name.get(reference)
+    rows = []
+    for arm in arms:
+        if base is not None and arm.per_request.shape != base.per_request.shape:
+            raise ValueError(
+                f"arm {arm.name!r} has {arm.per_request.size} scored requests but "
+                f"{reference!r} has {base.per_request.size}; arms must share the validation groups"
+            )
+        diff, half = (
+            paired_difference(_as_result(arm), _as_result(base))
+            if base is not None and arm is not base
+            else (math.nan, math.nan)
+        )
+        rows.append(
+            {
+                "arm": arm.name,
+                "features": list(arm.features),
+                "variant": arm.variant,
+                "ndcg10": arm.mean,
+                "diff_vs_reference": diff,
+                "diff_half_width": half,
+                "pretrain_valid_loss": arm.pretrain_valid_loss,
+                "parameters": arm.parameters,
+                "pretrain_epoch_seconds": arm.pretrain_epoch_seconds,
+                "finetune_epoch_seconds": arm.finetune_epoch_seconds,
+                "requests": int(arm.per_request.size),
+            }
+        )
+    return rows
+
+
+def _as_result(arm: AblationArm) -> MethodResult:
+    return MethodResult(arm.name, "model", arm.per_request)
+
+
+def ablation_conclusion(
+    arms: Sequence[AblationArm], full: str = "all", reference: str = "id-only"
+) -> str:
+    """State whether the `full` arm beats the `reference` arm, with the paired interval."""
+    by_name = {arm.name: arm for arm in arms}
+    if full not in by_name or reference not in by_name:
+        return f"The ablation has no `{full}` and `{reference}` pair to compare."
+    best, base = by_name[full], by_name[reference]
+    diff, half = paired_difference(_as_result(best), _as_result(base))
+    if diff - half > 0:
+        verdict = "beats"
+    elif diff + half < 0:
+        verdict = "is below"
+    else:
+        verdict = "does not beat"
+    sentence = (
+        f"The model with all side features {verdict} the id-only model: NDCG@10 "
+        f"{best.mean:.4f} against {base.mean:.4f}, a paired difference of {diff:+.4f} ± "
+        f"{half:.4f} (95% interval over {best.per_request.size} requests)."
+    )
+    if verdict == "does not beat":
+        sentence += " The difference is within the noise of these requests."
+    return sentence
+
+
+def format_ablation_table(arms: Sequence[AblationArm]) -> str:
+    """Format the ablation as a plain-text table for the terminal."""
+    lines = [
+        f"{'arm':<13}{'NDCG@10':>9}{'vs id-only':>20}{'pretrain loss':>15}{'parameters':>12}"
+        f"{'s/epoch pre':>13}{'s/epoch fine':>14}"
+    ]
+    for row in ablation_rows(arms):
+        lines.append(
+            f"{row['arm']:<13}{row['ndcg10']:>9.4f}{_format_diff(row):>20}"
+            f"{_format_optional(row['pretrain_valid_loss'], '.4f'):>15}{row['parameters']:>12,}"
+            f"{_format_optional(row['pretrain_epoch_seconds'], '.1f'):>13}"
+            f"{_format_optional(row['finetune_epoch_seconds'], '.1f'):>14}"
+        )
+    return "\n".join(lines)
+
+
+def render_ablation(
+    arms: Sequence[AblationArm],
+    preparation: dict[str, Any],
+    settings: dict[str, Any],
+) -> str:
+    """Return the Markdown text of ``ablation.md``.
+
+    Args:
+        arms: the evaluated arms, id-only first.
+        preparation: `meta.json`'s "features" section plus "timings" (seconds per step of the
+            side-feature preparation, from features/timings.json) and "data_path".
+        settings: the shared run settings shown at the end (epochs, variant, seed).
+    """
+    requests = arms[0].per_request.size if arms else 0
+    lines = [
+        "# Side-feature ablation",
+        "",
+        f"Data: `{preparation.get('data_path', '?')}`. Every arm is scored on the same "
+        f"{requests} validation requests (those with more than one product). NDCG@10 is that "
+        "of the finetune variant named in the table, at its best validation epoch.",
+        "",
+        "| arm | features | variant | NDCG@10 | vs id-only (95% interval) | pretrain valid loss "
+        "| parameters | pretrain s/epoch | finetune s/epoch |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in ablation_rows(arms):
+        features = ", ".join(row["features"]) or "none"
+        lines.append(
+            f"| {row['arm']} | {features} | {row['variant']} | {row['ndcg10']:.4f} | "
+            f"{_format_diff(row)} | {_format_optional(row['pretrain_valid_loss'], '.4f')} | "
+            f"{row['parameters']:,} | {_format_optional(row['pretrain_epoch_seconds'], '.1f')} | "
+            f"{_format_optional(row['finetune_epoch_seconds'], '.1f')} |"
+        )
+    lines += ["", "## Conclusion", "", f"- {ablation_conclusion(arms)}"]
+    lines += [
+        "- Pretrain validation losses of arms with text features include the catalogue softmax "
+        "over text-aware item vectors, so lower is better across arms as well.",
+        "- Seconds per epoch are wall times of training plus validation on this machine, "
+        "measured while other processes may have shared it.",
+        "",
+        "## Preparation of the side features",
+        "",
+    ]
+    timings = preparation.get("timings", {})
+    for key, label in (
+        ("context", "city and store of events and requests"),
+        ("text_read", "reading one text per product"),
+        ("tokenizer", "training or loading the tokenizer"),
+        ("tokenize", "tokenizing every product"),
+    ):
+        if key in timings:
+            lines.append(f"- {label}: {timings[key]:.2f} s")
+    lines.append(
+        f"- tokenizer: `{preparation.get('tokenizer') or 'none'}`, vocabulary sizes "
+        f"`{json.dumps(preparation.get('vocab_sizes', {}))}`"
+    )
+    lines += [
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(settings, indent=2, ensure_ascii=False),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _format_diff(row: dict[str, Any]) -> str:
+    if math.isnan(row["diff_vs_reference"]):
+        return "—"
+    return f"{row['diff_vs_reference']:+.4f} ± {row['diff_half_width']:.4f}"
+
+
+def _format_optional(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)

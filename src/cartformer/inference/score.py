@@ -6,6 +6,12 @@ request time is the earliest timestamp among its rows, and the request's surface
 common `source_type`, ties going to the smallest surface index, as in the prepared requests.
 Product and surface ids go through the run's mappings, so indices match the trained model.
 
+A model with side features also gets them here. Every history event has the city and store of
+its row in the event log (`city_name`, `store_id`), and every request the most common among its
+rows, ties going to the smallest index. Event and request times feed the time features. A
+requests file or event log without those columns gets the unknown index 0 for them, with one
+logged line.
+
 Two kinds of rows cannot get a model score and get the fallback score instead:
 
 - rows of a request whose user has no positive event before the cutoff (no history), and
@@ -34,7 +40,9 @@ import polars as pl
 import torch
 
 from cartformer.config import DAY_SECONDS, RunConfig
-from cartformer.data.encoding import UNKNOWN_INDEX, IdMapping
+from cartformer.data.encoding import INDEX_DTYPE, UNKNOWN_INDEX, IdMapping
+from cartformer.data.schema import ACTION_CODES, POSITIVE_ACTIONS
+from cartformer.data.side_features import CONTEXT_SOURCE_COLUMNS
 from cartformer.inference.inputs import INDEX_COLUMN, read_event_log, read_requests
 from cartformer.inference.windows import (
     HistoryWindows,
@@ -43,6 +51,7 @@ from cartformer.inference.windows import (
     plan_batches,
 )
 from cartformer.model import FinetuneModel
+from cartformer.model.layers import side_features
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ batches of 4096 to 8192 events scored the small demo faster than batches of 6553
 METADATA_KEY = "cartformer"
 """Parquet key-value metadata key of the scores file; the value is a JSON object."""
 SCORE_COLUMNS: tuple[str, ...] = ("request_id", "product_id", INDEX_COLUMN, "score")
+CONTEXT_COLUMNS = tuple(CONTEXT_SOURCE_COLUMNS)
+"""Categorical side features of a scored batch: "city" and "store"."""
 
 
 @dataclass
@@ -68,6 +79,11 @@ class Scorer:
     training_data: str
     """Path of the run's input file, the default event log."""
     device: torch.device
+    context: dict[str, IdMapping] = field(default_factory=dict)
+    """Mappings of the categorical side features the model reads: "city" and/or "store"."""
+    side_features: tuple[str, ...] = ()
+    """Per-event and per-request batch tensors beyond the id-only contract, see
+    `cartformer.model.layers.side_features`."""
 
 
 @dataclass
@@ -149,6 +165,7 @@ def load_scorer(
     torch_device = resolve_device(device or cfg.finetune.device)
     model = load_finetuned(cfg, variant).to(torch_device).eval()
     mappings = layout.prepared / "mappings"
+    features = side_features(model.config)
     return Scorer(
         model=model,
         variant=variant,
@@ -158,6 +175,10 @@ def load_scorer(
         max_history=min(cfg.data.max_history, model.config.max_seq_len),
         training_data=cfg.data_path,
         device=torch_device,
+        context={
+            name: IdMapping.load(mappings, name) for name in CONTEXT_COLUMNS if name in features
+        },
+        side_features=features,
     )
 
 
@@ -187,6 +208,7 @@ def score_requests(
             )
         events_path = scorer.training_data
     requests = read_requests(requests_path)
+    requests = _with_raw_context(requests, requests_path, scorer)
     result = score_frame(
         scorer, requests, events_path, lag_days=lag_days, batch_tokens=batch_tokens
     )
@@ -207,7 +229,8 @@ def score_frame(
 
     Args:
         scorer: the model and mappings of `load_scorer`.
-        requests: rows as `read_requests` returns them, (N,) rows.
+        requests: rows as `read_requests` returns them, (N,) rows, plus the raw `city_name`
+            and `store_id` columns when the model reads them.
         events_path: Lavka-schema event log whose positive events form the histories.
         lag_days: with 0, the state is the latest positive event strictly before the request
             time. With a positive value, it is the latest one at least `lag_days` days before.
@@ -222,7 +245,7 @@ def score_frame(
     started = time.perf_counter()
     step = window_step if window_step is not None else max(scorer.max_history // 2, 1)
 
-    groups, candidates, row_candidate = _group_requests(requests, scorer.sources)
+    groups, candidates, row_candidate = _group_requests(requests, scorer.sources, scorer.context)
     cutoff = _cutoffs(groups["timestamp"].to_numpy(), lag_days)
     events, popularity = read_event_log(
         events_path,
@@ -232,15 +255,25 @@ def score_frame(
         products=scorer.products,
         sources=scorer.sources,
     )
+    if scorer.context:
+        events = _with_event_context(
+            events, events_path, groups["user_id"], int(cutoff.max()), scorer
+        )
     candidate_product_id = candidates["product_id"].to_numpy()
     candidate_index = candidates.select(scorer.products.encode_expr("product_id")).to_series()
     candidate_index = candidate_index.to_numpy().astype(np.int64)
     candidate_request = candidates["request"].to_numpy().astype(np.int64)
 
     state, user_start = _request_states(events, groups["user_id"], cutoff)
+    # NOTE: a product outside the run's mapping gets the fallback even when the model has text
+    # features, which could place it by its product_name; its texts are not tokenized here.
     model_candidate = (state[candidate_request] >= 0) & (candidate_index != UNKNOWN_INDEX)
+    request_features = {name: groups[name].to_numpy().astype(np.int64) for name in scorer.context}
+    if "timestamp" in scorer.side_features:
+        request_features["timestamp"] = groups["timestamp"].to_numpy().astype(np.int64)
     inputs = _ModelInputs(
         request_source=groups["source"].to_numpy().astype(np.int64),
+        request_features=request_features,
         request_state=state,
         request_user_start=user_start,
         candidate_request=candidate_request,
@@ -283,35 +316,32 @@ def score_frame(
 
 
 def _group_requests(
-    requests: pl.DataFrame, sources: IdMapping
+    requests: pl.DataFrame, sources: IdMapping, context: dict[str, IdMapping] | None = None
 ) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray]:
     """Group request rows into requests and distinct candidates.
 
     Returns:
         groups: one row per (user_id, request_id), numbered by row position, with `timestamp`
             (the earliest row time) and `source` (the most common surface index, ties to the
-            smallest).
+            smallest). Every name of `context` adds the most common "city" or "store" index,
+            chosen the same way, or 0 when `requests` lacks the raw column.
         candidates: one row per distinct (user_id, request_id, product_id), with `request`, the
             row number of its request in `groups`.
         row_candidate: (N,) int64 candidate of every input row.
     """
+    context = context or {}
     keys = ["user_id", "request_id"]
-    rows = requests.select(*keys, "product_id", "timestamp", "source_type")
-    rows = rows.with_columns(sources.encode_expr("source_type").alias("source"))
-    surface = (
-        rows.group_by(*keys, "source")
-        .agg(pl.len().alias("rows"))
-        .sort([*keys, "rows", "source"], descending=[False, False, True, False])
-        .unique(keys, keep="first", maintain_order=True)
-        .select(*keys, "source")
+    rows = requests.select(
+        *keys,
+        "product_id",
+        "timestamp",
+        sources.encode_expr("source_type").alias("source"),
+        *[_context_expr(requests, name, mapping) for name, mapping in context.items()],
     )
-    groups = (
-        rows.group_by(keys)
-        .agg(pl.col("timestamp").min())
-        .join(surface, on=keys, how="left")
-        .sort(["user_id", "timestamp", "request_id"])
-        .with_row_index("request")
-    )
+    groups = rows.group_by(keys).agg(pl.col("timestamp").min())
+    for name in ("source", *context):
+        groups = groups.join(_most_common(rows, keys, name), on=keys, how="left")
+    groups = groups.sort(["user_id", "timestamp", "request_id"]).with_row_index("request")
     candidate_keys = [*keys, "product_id"]
     candidates = (
         rows.select(candidate_keys)
@@ -328,6 +358,116 @@ def _group_requests(
     if row_candidate.len() != requests.height or row_candidate.null_count():
         raise RuntimeError("request rows and their candidates do not match one to one")
     return groups, candidates, row_candidate.to_numpy().astype(np.int64)
+
+
+def _most_common(rows: pl.DataFrame, keys: list[str], value: str) -> pl.DataFrame:
+    """Return `keys` and the most common `value` of their rows, ties to the smallest value."""
+    return (
+        rows.group_by(*keys, value)
+        .agg(pl.len().alias("rows"))
+        .sort([*keys, "rows", value], descending=[False, False, True, False])
+        .unique(keys, keep="first", maintain_order=True)
+        .select(*keys, value)
+    )
+
+
+def _context_expr(frame: pl.DataFrame, name: str, mapping: IdMapping) -> pl.Expr:
+    """Return the index expression of context feature `name`, or UNKNOWN_INDEX when `frame`
+    lacks its raw column."""
+    column = CONTEXT_SOURCE_COLUMNS[name]
+    if column not in frame.columns:
+        return pl.lit(UNKNOWN_INDEX, dtype=INDEX_DTYPE).alias(name)
+    return mapping.encode_expr(column).alias(name)
+
+
+def _with_raw_context(
+    requests: pl.DataFrame, requests_path: str | Path, scorer: Scorer
+) -> pl.DataFrame:
+    """Add the raw `city_name` and `store_id` columns of the requests file that the model reads.
+
+    `read_requests` keeps the file's row order, so the columns are read in that order too. A
+    missing column is logged once, and its requests get the unknown index 0.
+    """
+    wanted = [CONTEXT_SOURCE_COLUMNS[name] for name in scorer.context]
+    if not wanted:
+        return requests
+    schema = pl.read_parquet_schema(requests_path)
+    present = [column for column in wanted if column in schema]
+    missing = [column for column in wanted if column not in schema]
+    if missing:
+        logger.warning(
+            "requests file %s has no column(s) %s; the model gets the unknown index 0 for them",
+            requests_path,
+            missing,
+        )
+    if not present:
+        return requests
+    raw = pl.read_parquet(requests_path, columns=present)
+    return requests.with_columns(raw.get_columns())
+
+
+def _with_event_context(
+    events: pl.DataFrame, path: str | Path, users: pl.Series, history_end: int, scorer: Scorer
+) -> pl.DataFrame:
+    """Add the `city` and `store` index of every history event of `read_event_log`.
+
+    The columns are read with the same filters and the same stable sort as `read_event_log`,
+    so row i is the same event. The timestamps and products of both reads are compared, and a
+    mismatch raises RuntimeError. An event log without the raw column gets the unknown index 0,
+    with one logged line.
+    """
+    schema = pl.read_parquet_schema(path)
+    present = {
+        name: mapping
+        for name, mapping in scorer.context.items()
+        if CONTEXT_SOURCE_COLUMNS[name] in schema
+    }
+    missing = [CONTEXT_SOURCE_COLUMNS[name] for name in scorer.context if name not in present]
+    if missing:
+        logger.warning(
+            "event log %s has no column(s) %s; history events get the unknown index 0 for them",
+            path,
+            missing,
+        )
+    unknown = {
+        name: pl.lit(UNKNOWN_INDEX, dtype=INDEX_DTYPE).alias(name)
+        for name in scorer.context
+        if name not in present
+    }
+    if not present:
+        return events.with_columns(*unknown.values())
+    action = (
+        pl.col("action_type").cast(pl.String).replace_strict(ACTION_CODES, return_dtype=pl.Int8)
+    )
+    request_users = pl.DataFrame({"user_id": users.cast(pl.UInt64).unique()}).lazy()
+    context = (
+        pl.scan_parquet(path)
+        .select(
+            pl.col("user_id").cast(pl.UInt64),
+            scorer.products.encode_expr("product_id").alias("product"),
+            scorer.sources.encode_expr("source_type").alias("source"),
+            pl.col("timestamp").cast(pl.Int64),
+            action.alias("action"),
+            *[
+                mapping.encode_expr(CONTEXT_SOURCE_COLUMNS[name]).alias(name)
+                for name, mapping in present.items()
+            ],
+        )
+        .filter(pl.col("action").is_in(POSITIVE_ACTIONS), pl.col("timestamp") <= history_end)
+        .join(request_users, on="user_id", how="semi")
+        .sort(["user_id", "timestamp", "action", "product", "source"], maintain_order=True)
+        .collect()
+    )
+    aligned = context.height == events.height and all(
+        context[name].cast(pl.Int64).equals(events[name].cast(pl.Int64))
+        for name in ("timestamp", "product")
+    )
+    if not aligned:
+        raise RuntimeError(
+            "the city and store columns of the event log do not line up with its history "
+            "events; read_event_log and the side-feature read must filter and sort alike"
+        )
+    return events.with_columns(context.select(list(present)).get_columns(), *unknown.values())
 
 
 def _cutoffs(request_time: np.ndarray, lag_days: float) -> np.ndarray:
@@ -372,6 +512,8 @@ class _ModelInputs:
 
     request_source: np.ndarray
     """(G,) int64 surface index of each request."""
+    request_features: dict[str, np.ndarray]
+    """(G,) int64 side features of each request by batch name ("city", "store", "timestamp")."""
     request_state: np.ndarray
     """(G,) int64 global event position of each request's state, -1 without history."""
     request_user_start: np.ndarray
@@ -430,7 +572,7 @@ def _model_scores(
     sorted_requests = model_requests[request_order]
     history = {
         name: torch.from_numpy(events[name].to_numpy().astype(np.int64))
-        for name in ("product", "source", "action")
+        for name in ("product", "source", "action", *scorer.side_features)
     }
 
     for first, last in plan_batches(window_length, batch_tokens):
@@ -438,15 +580,17 @@ def _model_scores(
         batch_candidates = candidate_order[
             candidate_bounds[request_first] : candidate_bounds[request_last]
         ]
+        batch_requests = sorted_requests[request_first:request_last]
         batch = _model_batch(
             history,
             window_start[first:last],
             window_length[first:last],
             requests_per_window[first:last],
-            inputs.request_source[sorted_requests[request_first:request_last]],
+            inputs.request_source[batch_requests],
             windows.request_state[request_order[request_first:request_last]],
             candidates_per_request[request_first:request_last],
             inputs.candidate_product[chosen[batch_candidates]],
+            {name: values[batch_requests] for name, values in inputs.request_features.items()},
         )
         with torch.inference_mode():
             batch_logits = scorer.model.score(_to_device(batch, scorer.device))
@@ -463,15 +607,14 @@ def _model_batch(
     request_state: np.ndarray,
     candidates_per_request: np.ndarray,
     candidate_product: np.ndarray,
+    request_features: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Build one finetune batch (the layout of `collate`) without targets.
 
     Shapes: B windows, N = sum(window_length) events, R requests, C candidates. The history
-    tensors gather the windows' events from the (E,) `history` arrays.
-
-    NOTE: the batch carries only the features of the batch contract in docs/architecture.md
-    (product, surface, action, position). A model whose encoders read more features needs
-    them added here.
+    tensors gather the windows' events from every (E,) array of `history`: product, source,
+    action and the model's side features (city, store, timestamp). `request_features` maps
+    the same names to the (R,) side features of the requests.
     """
     offsets = np.cumsum(window_length) - window_length
     within = np.arange(int(window_length.sum()), dtype=np.int64) - np.repeat(offsets, window_length)
@@ -480,20 +623,19 @@ def _model_batch(
     def tensor(values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
 
+    history_batch = {name: values[gather] for name, values in history.items()}
+    history_batch.update(position=tensor(within), lengths=tensor(window_length))
+    requests_batch = {
+        "source": tensor(request_source),
+        "state_index": tensor(request_state),
+        "lengths": tensor(candidates_per_request),
+        "num_requests": tensor(requests_per_window),
+    }
+    for name, values in (request_features or {}).items():
+        requests_batch[name] = tensor(values)
     return {
-        "history": {
-            "product": history["product"][gather],
-            "source": history["source"][gather],
-            "action": history["action"][gather],
-            "position": tensor(within),
-            "lengths": tensor(window_length),
-        },
-        "requests": {
-            "source": tensor(request_source),
-            "state_index": tensor(request_state),
-            "lengths": tensor(candidates_per_request),
-            "num_requests": tensor(requests_per_window),
-        },
+        "history": history_batch,
+        "requests": requests_batch,
         "candidates": {"product": tensor(candidate_product)},
     }
 

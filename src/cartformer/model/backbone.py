@@ -5,13 +5,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from cartformer.config import ModelConfig
-from cartformer.model.layers import ContextEncoder, FeedbackEncoder, ItemEncoder
+from cartformer.model.features import log_time_buckets, time_gap_buckets
+from cartformer.model.layers import (
+    TIME_GAP,
+    ContextEncoder,
+    FeedbackEncoder,
+    ItemEncoder,
+    SideContextEncoder,
+    TextItemEncoder,
+)
 from cartformer.model.ops import make_groups, sequence_offsets
+
+TextBags = Mapping[str, tuple[np.ndarray | Tensor, np.ndarray | Tensor]]
+"""Text field -> ((T,) token ids, (num_products + 1,) offsets), one bag per product index."""
 
 
 @dataclass
@@ -36,10 +48,16 @@ class Backbone(nn.Module):
     attention's queries, keys and values are padded to (B, L), with L the longest sequence of
     the batch, so batches of similar lengths waste little work.
 
+    Side features: with `config.use_text` the item encoder is a `TextItemEncoder` over
+    `text_bags`, and with `use_categorical` or `use_time` the context encoder is a
+    `SideContextEncoder`. The backbone computes the history's gap buckets (`time_gap_buckets`)
+    and a request's gap to its scoring state (`encode_request_context`) itself.
+
     Args:
         config: sizes. `num_products`, `num_sources` and `num_actions` include index 0.
         item_encoder, context_encoder, feedback_encoder: replacements for the default embedding
             encoders, following the contract in `cartformer.model.layers`.
+        text_bags: the product token bags that `config.use_text` needs, see `TextBags`.
     """
 
     def __init__(
@@ -48,6 +66,7 @@ class Backbone(nn.Module):
         item_encoder: nn.Module | None = None,
         context_encoder: nn.Module | None = None,
         feedback_encoder: nn.Module | None = None,
+        text_bags: TextBags | None = None,
     ) -> None:
         super().__init__()
         dim = config.embedding_dim
@@ -56,10 +75,15 @@ class Backbone(nn.Module):
                 f"ModelConfig.embedding_dim={dim} is not divisible by num_heads={config.num_heads}"
             )
         self.config = config
-        self.item_encoder = item_encoder if item_encoder is not None else ItemEncoder(config)
-        self.context_encoder = (
-            context_encoder if context_encoder is not None else ContextEncoder(config)
+        self.item_encoder = (
+            item_encoder if item_encoder is not None else _default_item_encoder(config, text_bags)
         )
+        if context_encoder is None:
+            use_side_context = config.use_categorical or config.use_time
+            context_encoder = (
+                SideContextEncoder(config) if use_side_context else ContextEncoder(config)
+            )
+        self.context_encoder = context_encoder
         self.feedback_encoder = (
             feedback_encoder if feedback_encoder is not None else FeedbackEncoder(config)
         )
@@ -81,12 +105,36 @@ class Backbone(nn.Module):
         """Embed products with the history's item encoder: (M,) int64 -> (M, D)."""
         return self.item_encoder({"product": product_indices})
 
+    def encode_request_context(
+        self,
+        history: Mapping[str, Tensor],
+        requests: Mapping[str, Tensor],
+        state_positions: Tensor,
+    ) -> Tensor:
+        """Embed the context of R requests: (R, D).
+
+        Args:
+            history: the batch's history; with `use_time` its `timestamp` (N,) is read.
+            requests: `source` (R,), plus `city`, `store` and `timestamp` (R,) as the side
+                features of the config need them.
+            state_positions: (R,) global history position of each request's scoring state.
+                With `use_time` the request's gap feature is the time from that state's event
+                to the request, as the gap of an event is the time from the previous event.
+        """
+        features = requests
+        if self.config.use_time:
+            gap = requests["timestamp"] - history["timestamp"][state_positions]
+            buckets = log_time_buckets(gap, self.config.num_gap_buckets)
+            features = {**requests, TIME_GAP: buckets}
+        return self.context_encoder(features)
+
     def forward(self, history: Mapping[str, Tensor]) -> BackboneOutput:
         """Run the transformer over a batch of histories.
 
         Args:
             history: unpadded features `product`, `source`, `action`, `position` of shape (N,)
-                and `lengths` of shape (B,), every length in 1..max_seq_len.
+                and `lengths` of shape (B,), every length in 1..max_seq_len, plus the side
+                features of the config (`city`, `store`, `timestamp` (N,)).
 
         Returns:
             BackboneOutput with (N, D) states, item and context embeddings.
@@ -95,7 +143,11 @@ class Backbone(nn.Module):
         max_len = self._check_lengths(lengths, history["product"].shape[0])
 
         item_embeddings = self.item_encoder(history)
-        context_embeddings = self.context_encoder(history)
+        context_features = history
+        if self.config.use_time:
+            buckets = time_gap_buckets(history["timestamp"], lengths, self.config.num_gap_buckets)
+            context_features = {**history, TIME_GAP: buckets}
+        context_embeddings = self.context_encoder(context_features)
         feedback_embeddings = self.feedback_encoder(history)
         position_embeddings = self.position_embeddings(history["position"])
         tokens = item_embeddings + context_embeddings + feedback_embeddings + position_embeddings
@@ -195,6 +247,17 @@ class CausalEncoderLayer(nn.Module):
         x = self.norm1(x + self.dropout_attention_output(self.out_proj(attended)))
         hidden = self.dropout_hidden(F.gelu(self.linear1(x)))
         return self.norm2(x + self.dropout_feedforward_output(self.linear2(hidden)))
+
+
+def _default_item_encoder(config: ModelConfig, text_bags: TextBags | None) -> nn.Module:
+    if not config.use_text:
+        return ItemEncoder(config)
+    if text_bags is None:
+        raise ValueError(
+            "ModelConfig.use_text is on but no text_bags were given. Load them with "
+            "cartformer.data.side_features.load_product_text(prepared_dir)"
+        )
+    return TextItemEncoder(config, text_bags)
 
 
 def padded_slots(lengths: Tensor, max_len: int) -> Tensor:

@@ -388,3 +388,28 @@ class TimeEncoder(nn.Module):
     def forward(self, timestamp: Tensor, lengths: Tensor | None = None) -> Tensor:
         embedded = self.encode_fields(timestamp, lengths)
         return torch.stack(list(embedded.values())).sum(dim=0)
+
+    def embed(self, timestamp: Tensor, gap_buckets: Tensor | None = None) -> Tensor:
+        """Sum the field embeddings with given gap buckets: `forward` for gaps that are not the
+        gaps inside one sequence, such as a request's gap to its scoring state.
+
+        Args:
+            timestamp: (N,) int64 unix seconds.
+            gap_buckets: (N,) int64 indices in 0..num_gap_buckets-1, required when `gap` is on.
+
+        Returns:
+            (N, D) sum of the enabled fields' embeddings.
+        """
+        indices: dict[str, Tensor] = {}
+        if "hour" in self.tables:
+            indices.update(calendar_features(timestamp, self.utc_offset_hours))
+        if "gap" in self.tables:
+            if gap_buckets is None:
+                raise ValueError("the gap feature needs gap buckets, but none were given")
+            indices["gap"] = gap_buckets
+        total = None
+        for name, table in self.tables.items():
+            embedded = table(indices[name])
+            total = embedded if total is None else total + embedded
+        assert total is not None
+        return total

@@ -96,8 +96,8 @@ class FinetuneModel(nn.Module):
         Args:
             batch: `history` as for the backbone, whose `target_index` is ignored.
                 `requests` with `source` (R,), `state_index` (R,) local to the sample, `lengths`
-                (R,) candidates per request and `num_requests` (B,). `candidates` with
-                `product` (C,).
+                (R,) candidates per request, `num_requests` (B,) and the side features of the
+                config (`city`, `store`, `timestamp` (R,)). `candidates` with `product` (C,).
 
         Returns:
             (C,) calibrated logits, in the order of `candidates.product`.
@@ -117,7 +117,7 @@ class FinetuneModel(nn.Module):
         history = batch["history"]
         requests = batch["requests"]
         state_positions = self._state_positions(history["lengths"], requests)
-        contexts = self.backbone.context_encoder(requests)
+        contexts = self.backbone.encode_request_context(history, requests, state_positions)
         fused = self.user_context_fusion(torch.cat([states[state_positions], contexts], dim=-1))
         users = F.normalize(fused, dim=-1)
 
