@@ -73,13 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="prepare, pretrain, finetune and evaluate; generates demo data without --data"
     )
-    _add_out(run)
-    _add_data_options(run, data_required=False)
-    _add_demo_options(run)
-    _add_oracle(run)
-    _add_model_options(run)
-    _add_train_options(run, prefix="pretrain-")
-    _add_train_options(run, prefix="finetune-")
+    _add_whole_run_options(run)
     _add_variants(run)
     run.add_argument("--resume", action="store_true", help="continue stopped training stages")
 
@@ -88,13 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the same run with each side-feature group (city and store, product texts, "
         "time) in turn and write ablation.md; generates demo data without --data",
     )
-    _add_out(ablation)
-    _add_data_options(ablation, data_required=False)
-    _add_demo_options(ablation)
-    _add_oracle(ablation)
-    _add_model_options(ablation)
-    _add_train_options(ablation, prefix="pretrain-")
-    _add_train_options(ablation, prefix="finetune-")
+    _add_whole_run_options(ablation)
     ablation.add_argument(
         "--arms",
         nargs="+",
@@ -155,6 +143,17 @@ def _show_config_defaults(parsers: Iterable[argparse.ArgumentParser]) -> None:
         for action in parser._actions:
             if action.dest in defaults and action.help:
                 action.help += f" (default: {defaults[action.dest]})"
+
+
+def _add_whole_run_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options of a command that runs every stage: data, demo, model and both stages."""
+    _add_out(parser)
+    _add_data_options(parser, data_required=False)
+    _add_demo_options(parser)
+    _add_oracle(parser)
+    _add_model_options(parser)
+    _add_train_options(parser, prefix="pretrain-")
+    _add_train_options(parser, prefix="finetune-")
 
 
 def _add_out(parser: argparse.ArgumentParser) -> None:

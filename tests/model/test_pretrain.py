@@ -125,18 +125,24 @@ def test_gradients_finite_for_all_parameters():
         assert bool(torch.isfinite(parameter.grad).all()), name
 
 
-def test_loss_decreases_with_adam():
-    model = make_model(dropout=0.0)
-    lengths = [8, 6, 10, 5]
-    batch = make_batch(lengths, all_targets(lengths))
+def adam_losses(model, batch, steps=30):
+    """Train ``model`` on one batch with Adam and return the loss of every step."""
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = model(batch)["loss"]
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_loss_decreases_with_adam():
+    model = make_model(dropout=0.0)
+    lengths = [8, 6, 10, 5]
+    batch = make_batch(lengths, all_targets(lengths))
+    losses = adam_losses(model, batch)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0]
 
@@ -265,14 +271,7 @@ def test_sampled_loss_decreases_with_adam():
     model = sampled_model(num_negatives=16)
     lengths = [8, 6, 10, 5]
     batch = make_batch(lengths, all_targets(lengths))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = model(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, batch)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -223,15 +223,7 @@ def render_report(
             lines.append(
                 f"- {key.replace('_', ' ')}: `{json.dumps(meta[key], ensure_ascii=False)}`"
             )
-    lines += [
-        "",
-        "## Configuration",
-        "",
-        "```json",
-        json.dumps(config, indent=2, ensure_ascii=False),
-        "```",
-        "",
-    ]
+    lines += _json_section("Configuration", config)
     return "\n".join(lines)
 
 
@@ -399,16 +391,21 @@ def render_ablation(
         f"- tokenizer: `{preparation.get('tokenizer') or 'none'}`, vocabulary sizes "
         f"`{json.dumps(preparation.get('vocab_sizes', {}))}`"
     )
-    lines += [
+    lines += _json_section("Settings", settings)
+    return "\n".join(lines)
+
+
+def _json_section(title: str, value: Any) -> list[str]:
+    """Return the markdown lines of a section that shows ``value`` as a JSON block."""
+    return [
         "",
-        "## Settings",
+        f"## {title}",
         "",
         "```json",
-        json.dumps(settings, indent=2, ensure_ascii=False),
+        json.dumps(value, indent=2, ensure_ascii=False),
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _format_diff(row: dict[str, Any]) -> str:
