@@ -3,6 +3,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from cartformer.config import ModelConfig
@@ -10,6 +12,7 @@ from cartformer.data.dataset import (
     FinetuneDataset,
     LengthBucketBatchSampler,
     PretrainDataset,
+    TokenBudgetBatchSampler,
     collate,
     move_to_device,
 )
@@ -317,3 +320,51 @@ def test_unknown_side_feature_rejected(tmp_path):
     path = write_table(tmp_path / "p.parquet", PRETRAIN_ROWS)
     with pytest.raises(ValueError, match="unknown side features"):
         PretrainDataset(path, ("hour",))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=200),
+    max_tokens=st.integers(1, 2000),
+    seed=st.integers(0, 100),
+)
+def test_token_sampler_covers_every_sample_within_budget(lengths, max_tokens, seed):
+    lengths = np.array(lengths)
+    batches = list(TokenBudgetBatchSampler(lengths, max_tokens, seed=seed, pool_batches=3))
+    covered = np.sort(np.concatenate([np.array(batch) for batch in batches]))
+    assert covered.tolist() == list(range(len(lengths)))
+    for batch in batches:
+        cost = len(batch) * lengths[batch].max()
+        assert cost <= max_tokens or len(batch) == 1
+
+
+def test_token_sampler_long_history_alone():
+    lengths = np.array([5, 100, 5, 5])
+    batches = list(TokenBudgetBatchSampler(lengths, 20, seed=0))
+    assert [1] in batches
+
+
+def test_token_sampler_reshuffles_each_epoch():
+    sampler = TokenBudgetBatchSampler(np.arange(1, 201), 500, seed=3)
+    first, second = list(sampler), list(sampler)
+    assert first != second
+
+
+def test_token_sampler_resumes_epoch():
+    lengths = np.arange(1, 201)
+    sampler = TokenBudgetBatchSampler(lengths, 500, seed=3)
+    list(sampler)
+    expected = list(sampler)
+    resumed = TokenBudgetBatchSampler(lengths, 500, seed=3)
+    resumed.epoch = 1
+    assert list(resumed) == expected
+
+
+def test_token_sampler_length_matches_iteration():
+    sampler = TokenBudgetBatchSampler(np.arange(1, 101), 300, seed=0)
+    assert len(sampler) == len(list(sampler))
+
+
+def test_token_sampler_rejects_zero_budget():
+    with pytest.raises(ValueError, match="max_tokens"):
+        TokenBudgetBatchSampler(np.ones(3), 0)
