@@ -1,7 +1,7 @@
 """Training throughput: cartformer's batches and model against a straightforward padded one.
 
 For pretrain and finetune at the default model size, each mode below trains from the same
-initial weights on the same prepared samples for a fixed wall-time budget and reports events/s
+initial weights on the same prepared samples for a fixed wall-time budget. It reports events/s
 (real history events), users/s, predicted events/s (pretrain) or candidates/s (finetune), the
 padding share of the attention, and the peak RSS of this process so far.
 

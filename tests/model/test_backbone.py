@@ -178,8 +178,8 @@ def _fixture_batch() -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_id_only_checkpoint_outputs_unchanged():
-    """The checkpoints were written by the model code before side features existed, with a
-    config that lacks their fields; the current code must load them and give the same outputs."""
+    """The checkpoints come from the model code before side features existed, and their config
+    lacks the new fields. The current code must load them and give the same outputs."""
     expected = json.loads((FIXTURES / "id_only_expected.json").read_text())
     batch = _fixture_batch()
     pretrain_path = FIXTURES / "id_only_pretrain.safetensors"

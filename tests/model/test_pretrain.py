@@ -434,6 +434,7 @@ def test_side_features_pretrain_loss():
         use_time=True,
     )
     model = PretrainModel(Backbone(config, text_bags=bags), config)
+
     history = {
         "product": torch.tensor([1, 2, 3, 4, 5, 6, 0]),
         "source": torch.tensor([1, 2, 1, 2, 1, 2, 1]),
@@ -448,6 +449,7 @@ def test_side_features_pretrain_loss():
     }
     output = model({"history": history})
     output["loss"].backward()
+
     assert model.embed_catalogue().shape == (6, 8)
     assert torch.isfinite(output["loss"])
     assert model.backbone.item_encoder.text.bag_encoder.embedding.weight.grad.abs().sum() > 0

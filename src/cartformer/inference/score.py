@@ -265,8 +265,8 @@ def score_frame(
     candidate_request = candidates["request"].to_numpy().astype(np.int64)
 
     state, user_start = _request_states(events, groups["user_id"], cutoff)
-    # NOTE: a product outside the run's mapping gets the fallback even when the model has text
-    # features, which could place it by its product_name; its texts are not tokenized here.
+    # NOTE: a product outside the run's mapping gets the fallback even with text features. Its
+    # product_name could place it, but scoring does not tokenize new texts.
     model_candidate = (state[candidate_request] >= 0) & (candidate_index != UNKNOWN_INDEX)
     request_features = {name: groups[name].to_numpy().astype(np.int64) for name in scorer.context}
     if "timestamp" in scorer.side_features:
