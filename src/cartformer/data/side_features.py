@@ -98,12 +98,12 @@ def present_text_fields(schema: pl.Schema) -> tuple[str, ...]:
 def log_missing_columns(schema: pl.Schema, groups: Collection[str]) -> None:
     """Log one line naming the columns of the requested side-feature `groups` ("categorical",
     "text") that the input lacks, if any."""
-    wanted = []
+    required = []
     if "categorical" in groups:
-        wanted += CONTEXT_SOURCE_COLUMNS.values()
+        required += CONTEXT_SOURCE_COLUMNS.values()
     if "text" in groups:
-        wanted += TEXT_COLUMNS.values()
-    missing = [column for column in wanted if column not in schema]
+        required += TEXT_COLUMNS.values()
+    missing = [column for column in required if column not in schema]
     if missing:
         logger.warning(
             "the input has no column(s) %s; the side features that need them are not prepared, "

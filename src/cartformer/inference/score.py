@@ -388,12 +388,12 @@ def _with_raw_context(
     `read_requests` keeps the file's row order, so the columns are read in that order too. A
     missing column is logged once, and its requests get the unknown index 0.
     """
-    wanted = [CONTEXT_SOURCE_COLUMNS[name] for name in scorer.context]
-    if not wanted:
+    required = [CONTEXT_SOURCE_COLUMNS[name] for name in scorer.context]
+    if not required:
         return requests
     schema = pl.read_parquet_schema(requests_path)
-    present = [column for column in wanted if column in schema]
-    missing = [column for column in wanted if column not in schema]
+    present = [column for column in required if column in schema]
+    missing = [column for column in required if column not in schema]
     if missing:
         logger.warning(
             "requests file %s has no column(s) %s; the model gets the unknown index 0 for them",
